@@ -1,0 +1,310 @@
+"""Two-tower CLIP built from open_clip towers, with a pluggable image pooler.
+
+open_clip builds the towers from its JSON model configs (mmggem's own configs
+in ``model_configs/`` are registered with open_clip at import, so open_clip can
+build the same architectures). The image tower is open_clip's
+``VisionTransformer``, adopted as a :class:`PooledVisionTransformer`: same
+parameters under the same names, so open_clip state dicts load unchanged, but
+its tokens are pooled by an :mod:`mmggem.pooling` pooler kept at
+``model.visual.pooler``.
+
+A saved model is a folder in open_clip's ``local-dir`` layout:
+``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg`` and an ``mmggem``
+section naming the pooling) and ``open_clip_model.safetensors``. Nothing in it
+is unpickled on load.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from open_clip.model import CLIPVisionCfg, set_model_preprocess_cfg
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import VisionTransformer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .pooling import build_pooler
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+POOLER_PREFIX = "visual.pooler."
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+log = logging.getLogger(__name__)
+
+Tokenizer = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model: recorded on it and saved beside its weights."""
+
+    name: str
+    model_cfg: dict[str, Any]
+    pooling: str = "ggem"
+    pooling_kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+class PooledVisionTransformer(VisionTransformer):
+    """open_clip's ViT whose tokens are pooled by ``self.pooler``.
+
+    The final LayerNorm ``ln_post`` runs before pooling (open_clip's default)
+    or, with the config option ``vision_cfg.final_ln_after_pool``, on the
+    pooled vector. The GGeM paper leaves this order open, so it is an option;
+    note that after the LayerNorm about half the activations are negative and
+    GGeM clamps them to ``eps``.
+    """
+
+    pooler: nn.Module
+
+    @classmethod
+    def adopt(cls, tower: VisionTransformer, pooler: nn.Module) -> "PooledVisionTransformer":
+        """Turn an open_clip ViT into a pooled one in place, keeping its parameters."""
+        if type(tower) is not VisionTransformer:
+            raise TypeError(f"expected open_clip's VisionTransformer, got {type(tower).__name__}")
+        if tower.attn_pool is not None:
+            raise ValueError("the open_clip config enables attentional_pool; use pooling='attn' instead")
+        tower.__class__ = cls
+        tower.pooler = pooler
+        return tower
+
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.final_ln_after_pool:
+            x = self.ln_post(x)
+        tokens = x[:, :1] if self.pooler.uses_class_token else x[:, 1:]
+        pooled = self.pooler(tokens)
+        if self.final_ln_after_pool:
+            pooled = self.ln_post(pooled)
+        return pooled, tokens
+
+    def forward_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(embedding, tokens)``: the projected image embedding and the ``[B, N, C]`` tokens pooled."""
+        x = self.transformer(self._embeds(images))
+        pooled, tokens = self._pool(x)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        return pooled, tokens
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _text_tower_cfg(text_tower: str | dict[str, Any]) -> dict[str, Any]:
+    """open_clip text_cfg keys for a Hugging Face encoder.
+
+    A string is a local ``from_pretrained`` folder (or hub id), loaded with its
+    weights; a dict is merged into open_clip's ``text_cfg`` as is, e.g.
+    ``{"hf_model_name": path, "hf_model_pretrained": False}`` builds the
+    encoder from its config alone.
+    """
+    if isinstance(text_tower, str):
+        return {"hf_model_name": text_tower, "hf_tokenizer_name": text_tower, "hf_model_pretrained": True}
+    if "hf_model_name" not in text_tower:
+        raise ValueError(f"text_tower dict needs an 'hf_model_name' key, got keys {sorted(text_tower)}")
+    return {"hf_tokenizer_name": text_tower["hf_model_name"], **text_tower}
+
+
+def _model_cfg(name: str) -> dict[str, Any]:
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        ours = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
+        raise ValueError(
+            f"unknown model {name!r}; mmggem's own: {', '.join(ours)}; "
+            "or any open_clip model with a ViT image tower (open_clip.list_models())"
+        )
+    return copy.deepcopy(model_cfg)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build a randomly initialised model from a :class:`ModelSpec`."""
+    model_cfg = copy.deepcopy(spec.model_cfg)
+    vision_cfg = model_cfg.get("vision_cfg", {})
+    if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
+        raise ValueError(f"model {spec.name!r} has no open_clip ViT image tower (timm or ResNet): not supported")
+    if "multimodal_cfg" in model_cfg:
+        raise ValueError(f"model {spec.name!r} is a CoCa model: not supported")
+    custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
+    model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    model = model_class(**model_cfg)
+    width = model.visual.transformer.width
+    heads = width // CLIPVisionCfg(**vision_cfg).head_width
+    PooledVisionTransformer.adopt(model.visual, build_pooler(spec.pooling, width, heads, **spec.pooling_kwargs))
+    preprocess_cfg = {**asdict(PreprocessCfg()), "size": model.visual.image_size, **spec.preprocess_cfg}
+    set_model_preprocess_cfg(model, preprocess_cfg)
+    model.mmggem_spec = ModelSpec(spec.name, spec.model_cfg, spec.pooling, dict(spec.pooling_kwargs), preprocess_cfg)
+    return model
+
+
+def create_model(
+    name: str,
+    pooling: str = "ggem",
+    pooling_kwargs: dict[str, Any] | None = None,
+    text_tower: str | dict[str, Any] | None = None,
+    pretrained: str | Path | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a CLIP model whose image tower pools its tokens with ``pooling``.
+
+    Args:
+        name: an mmggem config (``model_configs/``) or any open_clip model name
+            with a ViT image tower, e.g. ``"ViT-B-16"``.
+        pooling: one of :data:`mmggem.pooling.POOLER_NAMES`.
+        pooling_kwargs: options of the pooler (``groups``, ``p_init``, ``eps``...).
+        text_tower: None for open_clip's text transformer from the config, or a
+            Hugging Face encoder (see :func:`_text_tower_cfg`).
+        pretrained: an open_clip checkpoint file (``.pt``, ``.bin``,
+            ``.safetensors``) or a folder written by :func:`save_model`; every
+            weight must load except the pooler's own parameters.
+        overrides: merged into the open_clip model config, nested dicts merged
+            key by key, e.g. ``vision_cfg={"final_ln_after_pool": True}``.
+    """
+    model_cfg = _merge(_model_cfg(name), overrides)
+    if text_tower is not None:
+        model_cfg["text_cfg"] = _merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
+    model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {})))
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load open_clip or mmggem weights into ``model``; only pooler parameters may differ."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    try:
+        if path.is_dir():
+            result = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+        else:  # open_clip's loader converts old and third-party layouts and resizes position embeddings
+            result = open_clip.load_checkpoint(model, str(path), strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"weights in {path} do not fit model {model.mmggem_spec.name!r}: {error}") from error
+    missing = [key for key in result.missing_keys if not key.startswith(POOLER_PREFIX)]
+    unexpected = [key for key in result.unexpected_keys if not key.startswith(POOLER_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit model {model.mmggem_spec.name!r}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    fresh = [key for key in result.missing_keys if key.startswith(POOLER_PREFIX)]
+    if fresh:
+        log.info("pooler parameters keep their initial values: %s", fresh)
+
+
+def get_tokenizer(model: nn.Module) -> Tokenizer:
+    """The tokenizer matching the model's text tower (open_clip's BPE, or the HF tokenizer)."""
+    text_cfg = model.mmggem_spec.model_cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
+def image_transform(model: nn.Module, is_train: bool) -> Callable[[Any], torch.Tensor]:
+    """open_clip's image transform for this model: augmenting for training, else resize and crop."""
+    return image_transform_v2(PreprocessCfg(**model.mmggem_spec.preprocess_cfg), is_train=is_train)
+
+
+def _spec_json(model: nn.Module) -> dict[str, Any]:
+    spec = model.mmggem_spec
+    return {
+        "model_cfg": spec.model_cfg,
+        "preprocess_cfg": spec.preprocess_cfg,
+        "mmggem": {"version": __version__, "name": spec.name, "pooling": spec.pooling, "pooling_kwargs": spec.pooling_kwargs},
+    }
+
+
+def _save_text_tower(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
+    """Make a Hugging Face text tower self-contained: its config and tokenizer go into the folder."""
+    from transformers import AutoTokenizer
+
+    text_cfg = config["model_cfg"]["text_cfg"]
+    model.text.transformer.config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
+    text_cfg.update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model`` to the folder ``path`` (replaced atomically if it exists) and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = _spec_json(model)
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        if "hf_model_name" in config["model_cfg"]["text_cfg"]:
+            _save_text_tower(model, staging, config)
+        state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move a complete folder into place; an old one at ``target`` is removed only after."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(target)
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """Read the :class:`ModelSpec` of a folder written by :func:`save_model`."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"not an mmggem model folder: {config_file} is missing")
+    config = json.loads(config_file.read_text())
+    if "mmggem" not in config or "model_cfg" not in config:
+        raise ValueError(f"{config_file} has no 'mmggem' and 'model_cfg' sections: not written by mmggem.save_model")
+    text_cfg = config["model_cfg"]["text_cfg"]
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key) == ".":
+            text_cfg[key] = str(path)
+    section = config["mmggem"]
+    return ModelSpec(section["name"], config["model_cfg"], section["pooling"], section.get("pooling_kwargs", {}),
+                     config.get("preprocess_cfg", {}))
+
+
+def load(path: str | Path) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Tokenizer]:
+    """Load a model saved by :func:`save_model`: ``(model, preprocess, tokenizer)``, model in eval mode."""
+    path = Path(path)
+    model = build_model(read_spec(path))
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"model weights missing: {weights}")
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as error:
+        raise ValueError(f"weights {weights} do not match the config in {path / CONFIG_FILE}: {error}") from error
+    model.eval()
+    return model, image_transform(model, is_train=False), get_tokenizer(model)

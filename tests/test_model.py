@@ -1,0 +1,183 @@
+"""The two-tower model: every pooling trains, saves and loads; parity with open_clip."""
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmggem
+from mmggem.model import CONFIG_FILE, WEIGHTS_FILE, get_tokenizer
+from mmggem.pooling import POOLER_NAMES
+
+NAME = "ViT-Ti-4-28"
+
+
+def batch(size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(size, 3, 28, 28, generator=generator)
+    tokens = open_clip.get_tokenizer(NAME)([f"a photo of item {i}" for i in range(size)])
+    return images, tokens
+
+
+@pytest.mark.parametrize("pooling", POOLER_NAMES)
+def test_forward_and_backward_of_a_whole_model(pooling: str) -> None:
+    torch.manual_seed(0)
+    model = mmggem.create_model(NAME, pooling=pooling)
+    images, tokens = batch()
+    image_features, text_features, logit_scale = model(images, tokens)
+    assert image_features.shape == text_features.shape == (3, 128)
+    torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(3))
+    loss = -(image_features @ text_features.T * logit_scale).log_softmax(dim=-1).diag().mean()
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["visual.conv1.weight"].abs().sum() > 0
+    if pooling in ("gem", "ggem"):
+        assert grads["visual.pooler.p"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["ggem", "attn", "cls"])
+def test_save_then_load_gives_identical_outputs(tmp_path: Path, pooling: str) -> None:
+    model = mmggem.create_model(NAME, pooling=pooling, pooling_kwargs={"p_init": 2.0} if pooling == "ggem" else None)
+    with torch.no_grad():  # make the saved state differ from a fresh model's
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.eval()
+    folder = mmggem.save_model(model, tmp_path / "model")
+    loaded, preprocess, tokenizer = mmggem.load(folder)
+    images, tokens = batch()
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+    assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+    assert torch.equal(tokenizer(["a photo"]), get_tokenizer(model)(["a photo"]))
+    assert preprocess.transforms[0].size == 28
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["mmggem"]["pooling"] == pooling and config["model_cfg"]["vision_cfg"]["width"] == 192
+    assert set(load_file(str(folder / WEIGHTS_FILE))) == set(model.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind
+
+
+def test_save_replaces_an_existing_model(tmp_path: Path) -> None:
+    first, second = mmggem.create_model(NAME, pooling="avg"), mmggem.create_model(NAME, pooling="max")
+    mmggem.save_model(first, tmp_path / "m")
+    mmggem.save_model(second, tmp_path / "m")
+    assert mmggem.load(tmp_path / "m")[0].mmggem_spec.pooling == "max"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_load_reports_missing_or_foreign_folders(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
+        mmggem.load(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_cfg": {}}))
+    with pytest.raises(ValueError, match="not written by mmggem.save_model"):
+        mmggem.load(tmp_path)
+
+
+def open_clip_twin(pool_type: str, final_ln_after_pool: bool = False) -> torch.nn.Module:
+    cfg = open_clip.get_model_config(NAME)
+    cfg["vision_cfg"].update(pool_type=pool_type, final_ln_after_pool=final_ln_after_pool)
+    torch.manual_seed(1)
+    return open_clip.CLIP(**cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("pooling", "pool_type", "final_ln_after_pool"),
+    [("cls", "tok", False), ("avg", "avg", False), ("avg", "avg", True)],
+)
+def test_open_clip_weights_give_open_clip_embeddings(
+    tmp_path: Path, pooling: str, pool_type: str, final_ln_after_pool: bool
+) -> None:
+    reference = open_clip_twin(pool_type, final_ln_after_pool)
+    checkpoint = tmp_path / "open_clip.pt"
+    torch.save({"state_dict": reference.state_dict()}, checkpoint)
+    model = mmggem.create_model(
+        NAME, pooling=pooling, pretrained=checkpoint, vision_cfg={"final_ln_after_pool": final_ln_after_pool}
+    ).eval()
+    images, tokens = batch()
+    with torch.no_grad():
+        assert (model.encode_image(images) - reference.encode_image(images)).abs().max() <= 1e-5
+        assert torch.equal(model.encode_text(tokens), reference.encode_text(tokens))
+
+
+def test_open_clip_state_dict_loads_with_only_pooler_parameters_missing() -> None:
+    model = mmggem.create_model(NAME, pooling="ggem")
+    result = model.load_state_dict(open_clip_twin("tok").state_dict(), strict=False)
+    assert result.missing_keys == ["visual.pooler.p"] and result.unexpected_keys == []
+
+
+def test_pretrained_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    other = mmggem.create_model("ViT-Ti-4-32", pooling="cls")
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="do not fit model 'ViT-Ti-4-28'"):
+        mmggem.create_model(NAME, pretrained=tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        mmggem.create_model(NAME, pretrained=tmp_path / "nowhere.pt")
+
+
+def test_pretrained_mmggem_folder_swaps_in_a_new_pooler(tmp_path: Path) -> None:
+    source = mmggem.create_model(NAME, pooling="avg")
+    mmggem.save_model(source, tmp_path / "avg")
+    model = mmggem.create_model(NAME, pooling="ggem", pretrained=tmp_path / "avg")
+    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)
+    assert torch.all(model.visual.pooler.p == 3.0)
+
+
+def test_pooled_tokens_are_returned_for_analysis() -> None:
+    images, _ = batch()
+    for pooling, count in (("ggem", 49), ("cls", 1)):
+        model = mmggem.create_model(NAME, pooling=pooling).eval()
+        embedding, tokens = model.visual.forward_with_tokens(images)
+        assert tokens.shape == (3, count, 192)
+        torch.testing.assert_close(embedding, model.encode_image(images))
+
+
+def test_ggem_defaults_to_one_group_per_attention_head() -> None:
+    model = mmggem.create_model(NAME)
+    assert model.visual.pooler.groups == 6 and torch.all(model.visual.pooler.p == 3.0)
+
+
+def test_any_open_clip_format_config_builds(tmp_path: Path) -> None:
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "head_width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "Custom-ViT-Test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    model = mmggem.create_model("Custom-ViT-Test")
+    assert model.visual.pooler.groups == 4 and model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+
+def test_unknown_and_unsupported_models_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model 'ViT-Nope'.*ViT-Ti-4-28"):
+        mmggem.create_model("ViT-Nope")
+    with pytest.raises(ValueError, match="no open_clip ViT image tower"):
+        mmggem.create_model("RN50")
+
+
+def write_tiny_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40)
+    torch.manual_seed(3)
+    BertModel(config).save_pretrained(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "shirt", "shoe"]
+    BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}).save_pretrained(folder)
+    return folder
+
+
+def test_hugging_face_text_tower_from_config_and_from_weights(tmp_path: Path) -> None:
+    from transformers import BertModel
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    from_config = mmggem.create_model(NAME, text_tower={"hf_model_name": str(bert), "hf_model_pretrained": False})
+    from_weights = mmggem.create_model(NAME, text_tower=str(bert))
+    reference = BertModel.from_pretrained(bert).embeddings.word_embeddings.weight
+    assert torch.equal(from_weights.text.transformer.embeddings.word_embeddings.weight, reference)
+    assert not torch.equal(from_config.text.transformer.embeddings.word_embeddings.weight, reference)
+    tokens = get_tokenizer(from_weights)(["a photo of a shirt"])
+    assert tokens[0, :6].tolist() == [2, 5, 6, 7, 5, 8]
+    assert from_weights.encode_text(tokens).shape == (1, 128)
+
+    folder = mmggem.save_model(from_weights.eval(), tmp_path / "saved")
+    loaded, _, tokenizer = mmggem.load(folder)
+    assert torch.equal(loaded.encode_text(tokenizer(["a photo of a shoe"])), from_weights.encode_text(tokenizer(["a photo of a shoe"])))

@@ -1,0 +1,126 @@
+"""GGeM and the baseline poolers against direct references."""
+import pytest
+import torch
+
+from mmggem.pooling import POOLER_NAMES, GGeM, GeM, build_pooler
+
+
+def reference_ggem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y[b, c] = (mean_n max(x, eps)^p_g)^(1/p_g), channel by channel in float64."""
+    x = x.double().clamp(min=eps)
+    groups = p.numel()
+    width = x.shape[-1] // groups
+    out = torch.empty(x.shape[0], x.shape[-1], dtype=torch.float64)
+    for c in range(x.shape[-1]):
+        pg = p[c // width].double()
+        out[:, c] = x[:, :, c].pow(pg).mean(dim=1).pow(1 / pg)
+    return out
+
+
+def with_p(pooler: GGeM, p: torch.Tensor) -> GGeM:
+    with torch.no_grad():
+        pooler.p.copy_(p)
+    return pooler
+
+
+@pytest.mark.parametrize("groups", [1, 3, 12])
+def test_ggem_matches_float64_reference_with_random_p(groups: int) -> None:
+    torch.manual_seed(groups)
+    x = torch.randn(4, 9, 12) * 2
+    p = torch.empty(groups).uniform_(1, 8)
+    pooler = with_p(GGeM(12, groups), p)
+    torch.testing.assert_close(pooler(x).double(), reference_ggem(x, p), rtol=1e-5, atol=1e-6)
+
+
+def test_p_one_gives_the_mean() -> None:
+    x = torch.rand(3, 10, 8) + 0.1
+    pooler = with_p(GGeM(8, 4), torch.ones(4))
+    torch.testing.assert_close(pooler(x), x.mean(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_large_p_approaches_the_max_and_grows_with_p() -> None:
+    x = torch.rand(2, 16, 6) + 0.05
+    outputs = [with_p(GGeM(6, 2), torch.full((2,), p))(x) for p in (1.0, 4.0, 32.0, 1000.0)]
+    for smaller, larger in zip(outputs, outputs[1:]):
+        assert torch.all(larger >= smaller - 1e-6)
+    torch.testing.assert_close(outputs[-1], x.amax(dim=1), rtol=5e-3, atol=0)
+
+
+def test_one_group_is_gem() -> None:
+    x = torch.randn(5, 7, 16)
+    gem, ggem = GeM(p_init=2.5), GGeM(16, groups=1, p_init=2.5)
+    torch.testing.assert_close(ggem(x), gem(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_group_per_channel_is_per_channel_gem() -> None:
+    x = torch.randn(2, 5, 4)
+    p = torch.tensor([1.5, 2.0, 5.0, 7.0])
+    pooled = with_p(GGeM(4, groups=4), p)(x)
+    for c in range(4):
+        gem = GeM(p_init=float(p[c]))
+        torch.testing.assert_close(pooled[:, c], gem(x[:, :, c : c + 1])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_p_is_clamped_to_one_inside_forward() -> None:
+    x = torch.rand(2, 6, 4) + 0.1
+    pooler = with_p(GGeM(4, 2), torch.tensor([0.2, 0.5]))
+    torch.testing.assert_close(pooler(x), x.mean(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_p_and_tokens() -> None:
+    x = torch.randn(3, 8, 12, requires_grad=True)
+    pooler = GGeM(12, 3)
+    (pooler(x) * torch.randn(3, 12)).sum().backward()
+    assert pooler.p.grad is not None and pooler.p.grad.shape == (3,)
+    assert torch.all(pooler.p.grad != 0) and torch.isfinite(pooler.p.grad).all()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_output_close_to_fp32() -> None:
+    x = torch.randn(4, 10, 12)
+    pooler = GGeM(12, 3)
+    expected = pooler(x.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = pooler(x.bfloat16())
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_parameter_p_has_one_exponent_per_group_at_p_init() -> None:
+    pooler = GGeM(12, 4, p_init=2.0)
+    assert isinstance(pooler.p, torch.nn.Parameter)
+    assert pooler.p.shape == (4,) and torch.all(pooler.p == 2.0)
+
+
+@pytest.mark.parametrize("name", POOLER_NAMES)
+def test_every_pooler_maps_tokens_to_one_vector(name: str) -> None:
+    pooler = build_pooler(name, dim=12, heads=3)
+    assert pooler(torch.randn(2, 5, 12)).shape == (2, 12)
+    assert pooler.uses_class_token == (name == "cls")
+
+
+def test_build_pooler_defaults_ggem_groups_to_heads_and_takes_options() -> None:
+    assert build_pooler("ggem", dim=12, heads=3).p.shape == (3,)
+    custom = build_pooler("ggem", dim=12, heads=3, groups=6, p_init=4.0, eps=1e-3)
+    assert custom.p.shape == (6,) and torch.all(custom.p == 4.0) and custom.eps == 1e-3
+
+
+def test_baselines_compute_their_definitions() -> None:
+    x = torch.randn(2, 5, 6)
+    torch.testing.assert_close(build_pooler("avg", 6, 2)(x), x.mean(1))
+    torch.testing.assert_close(build_pooler("max", 6, 2)(x), x.amax(1))
+    torch.testing.assert_close(build_pooler("cls", 6, 2)(x[:, :1]), x[:, 0])
+
+
+def test_bad_arguments_raise_value_errors_naming_valid_choices() -> None:
+    with pytest.raises(ValueError, match=r"valid groups: \[1, 2, 3, 4, 6, 12\]"):
+        GGeM(12, 5)
+    with pytest.raises(ValueError, match="cls, avg, max, gem, ggem, attn"):
+        build_pooler("mean", dim=12, heads=3)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="p_init"):
+            GGeM(12, 3, p_init=bad)
+        with pytest.raises(ValueError, match="p_init"):
+            build_pooler("gem", 12, 3, p_init=bad)
+    with pytest.raises(ValueError, match="invalid options for pooling 'avg'"):
+        build_pooler("avg", 12, 3, p_init=2.0)
