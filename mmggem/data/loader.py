@@ -1,0 +1,558 @@
+"""The training data pipeline: webdataset tar shards -> shuffled, decoded, transformed, tokenised batches.
+
+Shard spec: one or more sources joined with ``::``; each source is a brace pattern (or glob) of local
+paths, or a webdataset URL (``pipe:aws s3 cp s3://bucket/{000..099}.tar -``, ``https://...``), with an
+optional sampling weight as a ``@WEIGHT`` suffix::
+
+    /data/cc3m/{00000..00331}.tar::/data/cc12m/{00000..01242}.tar@2
+
+A weight is an upsampling factor, as open_clip's ``--train-data-upsampling-factors``: each shard of
+that source is drawn WEIGHT times as often as a shard of weight 1 (weights need resampled mode). A
+local pattern that matches no file is a ValueError at construction. The sample count per epoch comes
+from ``sizes.json`` beside the shards (summed over the listed shards) unless ``num_samples`` is given.
+
+Modes:
+
+- resampled: every worker draws shards with replacement (weighted), infinitely; iteration never ends.
+- epoch: the shards, shuffled per epoch, are dealt to the ``world_size x num_workers`` workers so each
+  sees a disjoint part; one iteration yields exactly ``batches_per_epoch`` batches on every rank. A
+  worker whose shards run out goes through them again (in a new order), so uneven shards never make
+  ranks disagree on the batch count; in exchange, with uneven shards some samples of an epoch repeat
+  and others wait for the next epoch.
+
+In both modes an epoch is ``num_samples // (batch_size * world_size)`` batches per rank, batch j of an
+epoch comes from worker ``j % num_workers``, and everything random (shard order, shuffle buffer, the
+transform's torch and ``random`` draws, seeded per sample) follows from (seed, epoch, rank, worker).
+
+Resume: each batch carries its worker's count of raw samples pulled from the shuffle buffer. The
+loader records it for the batches the caller consumed (``state_dict()``); a loader built with that
+state has each worker replay its raw stream (tar reads and shuffle, no decoding) to that count and
+continue, so the next batch equals the one an uninterrupted run would have yielded.
+
+Bad samples are skipped and counted by reason (``skipped()``): unreadable_shard, truncated_tar,
+no_image, no_caption, caption_not_utf8, empty_caption, corrupt_image, image_too_large (above Pillow's
+MAX_IMAGE_PIXELS). Images are converted to RGB: palette and grey via Pillow, CMYK via Pillow,
+16-bit ('I;16', 'I') by keeping the high byte, and images with transparency composited on white,
+as a viewer shows them (plain conversion would expose whatever colour hides under transparent
+pixels, often black). Captions are stripped and cut to MAX_CAPTION_CHARS characters before
+tokenisation (more than any tokenizer context holds).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import random
+import re
+import tarfile
+import warnings
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import formats
+
+MAX_CAPTION_CHARS = 8192
+MAX_CONSECUTIVE_SKIPS = 10_000
+"""A worker that skips this many samples in a row stops with an error: its data is unusable."""
+
+SKIP_REASONS: tuple[str, ...] = (
+    "unreadable_shard", "truncated_tar", "no_image", "no_caption",
+    "caption_not_utf8", "empty_caption", "corrupt_image", "image_too_large",
+)
+STATE_VERSION = 1
+_WEIGHT = re.compile(r"^(?P<pattern>.+)@(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
+_GLOB = re.compile(r"[*?[]")
+
+
+# --- shard specs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One ``::``-separated part of a spec: its expanded shard URLs and sampling weight."""
+
+    pattern: str
+    urls: tuple[str, ...]
+    weight: float = 1.0
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs webdataset opens through a scheme (pipe:, http://, s3://, ...), not the local file system."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def parse_spec(spec: str) -> list[Source]:
+    """Split a shard spec into sources and expand each; a local pattern matching no file is a ValueError."""
+    sources = []
+    for part in (p.strip() for p in spec.split("::")):
+        if not part:
+            raise ValueError(f"shard spec {spec!r} has an empty source between '::'")
+        match = _WEIGHT.match(part)
+        pattern, weight = (match["pattern"], float(match["weight"])) if match else (part, 1.0)
+        if weight <= 0:
+            raise ValueError(f"source {part!r}: the weight after '@' must be positive")
+        sources.append(Source(pattern, tuple(_expand(pattern)), weight))
+    return sources
+
+
+def _expand(pattern: str) -> list[str]:
+    urls = list(braceexpand.braceexpand(pattern))
+    if is_remote(pattern):
+        return urls
+    found: list[str] = []
+    missing = []
+    for url in urls:
+        matches = sorted(glob.glob(url)) if _GLOB.search(url) else ([url] if Path(url).is_file() else [])
+        found.extend(matches)
+        if not matches:
+            missing.append(url)
+    if not found:
+        raise ValueError(f"shard pattern {pattern!r} matches no file")
+    if missing:
+        raise ValueError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
+                         f"e.g. {missing[0]}")
+    return found
+
+
+def count_samples(urls: list[str]) -> int:
+    """Total sample count of local shards from the ``sizes.json`` beside them; ValueError when unknown."""
+    total = 0
+    sizes_by_dir: dict[Path, dict[str, int] | None] = {}
+    for url in urls:
+        if is_remote(url):
+            raise ValueError(f"cannot count the samples of remote shard {url}; pass num_samples")
+        directory = Path(url).parent
+        if directory not in sizes_by_dir:
+            sizes_by_dir[directory] = formats.read_sizes(directory)
+        sizes = sizes_by_dir[directory]
+        if sizes is None:
+            raise ValueError(f"no {formats.SIZES_FILE} in {directory}; pass num_samples")
+        if Path(url).name not in sizes:
+            raise ValueError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; pass num_samples")
+        total += sizes[Path(url).name]
+    return total
+
+
+# --- decoding one sample --------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """A sample that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; valid: {', '.join(SKIP_REASONS)}")
+        super().__init__(reason)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB (see the module docstring for the choices)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "F":
+        image = image.convert("L")  # clips to 0..255
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        high = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(high).convert("RGB")
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes into an RGB image; raises Skip('corrupt_image' or 'image_too_large')."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Skip("image_too_large") from None
+    except Exception:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...) for bad bytes
+        raise Skip("corrupt_image") from None
+
+
+def decode_caption(sample: dict[str, Any]) -> str:
+    """The sample's caption, stripped and bounded; raises Skip for a missing, empty or non-UTF-8 one."""
+    if formats.CAPTION_KEY not in sample:
+        raise Skip("no_caption")
+    try:
+        caption = sample[formats.CAPTION_KEY].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise Skip("caption_not_utf8") from None
+    if not caption:
+        raise Skip("empty_caption")
+    return caption[:MAX_CAPTION_CHARS]
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
+    """(RGB image, caption) of a raw sample; raises Skip."""
+    ext = formats.image_key(sample)
+    if ext is None:
+        raise Skip("no_image")
+    caption = decode_caption(sample)
+    return decode_image(sample[ext]), caption
+
+
+# --- raw sample streams ---------------------------------------------------------------------------
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member as webdataset groups them: the key ends at the basename's first dot."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base or _METADATA_MEMBER.search(name):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def tar_samples(url: str, skips: Counter) -> Iterator[dict[str, Any]]:
+    """Samples (dicts of raw bytes by extension) of one shard; a read error ends the shard and is counted."""
+    try:
+        stream = wds.gopen(url)
+    except Exception:
+        skips["unreadable_shard"] += 1
+        return
+    status = None  # stays None only while the consumer closes this generator early
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            key, sample = None, {}
+            for member in tar:
+                parts = _split_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                data = tar.extractfile(member).read()
+                if parts[0] != key:
+                    if sample:
+                        yield sample
+                    key, sample = parts[0], {formats.KEY_FIELD: parts[0], "__url__": url}
+                sample[parts[1]] = data
+            if sample:
+                yield sample
+        status = "ok"
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        status = "truncated_tar"  # the sample being read when the error came is dropped
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe: command that failed (not counted when closed early on purpose)
+            if status is not None:
+                status = "unreadable_shard"
+    if status != "ok":
+        skips[status] += 1
+
+
+def shuffled(samples: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle through a buffer of ``buffer_size`` items: once full, each new item replaces a random one."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from ``parts`` (room to add a sample index and stay a valid torch seed)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator and ``random`` for one sample, restoring the caller's state after."""
+    torch_state, random_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(random_state)
+
+
+# --- one epoch of one worker ------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerState:
+    """A worker's position in the current epoch, as of the last batch the caller consumed."""
+
+    raw: int = 0
+    batches: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """Everything a worker needs for its part of one epoch (picklable, for DataLoader workers)."""
+
+    seed: int
+    epoch: int
+    rank: int
+    resampled: bool
+    urls: tuple[str, ...]
+    weights: tuple[float, ...]
+    assignment: tuple[tuple[str, ...], ...]  # epoch mode: shards of each logical worker of this rank
+    quotas: tuple[int, ...]  # batches of each logical worker in the epoch
+    starts: tuple[WorkerState, ...]
+    offset: int  # DataLoader worker i plays logical worker (i + offset) % num_workers
+    batch_size: int
+    shuffle_buffer: int
+    transform: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+
+def _shard_samples(urls: Iterator[str], skips: Counter, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of the shards in ``urls``; ``limit`` shards in a row without a sample is an error."""
+    empty = 0
+    for url in urls:
+        count = 0
+        for sample in tar_samples(url, skips):
+            count += 1
+            yield sample
+        empty = 0 if count else empty + 1
+        if limit is not None and empty >= limit:
+            raise RuntimeError(f"{empty} shards in a row gave no sample (last: {url}); skipped: {dict(skips)}")
+
+
+def _raw_stream(plan: _EpochPlan, worker: int, base_seed: int, skips: Counter) -> Iterator[dict[str, Any]]:
+    """The worker's infinite stream of raw samples, after the shuffle buffer.
+
+    Epoch mode goes through the worker's shards in passes, each in a new order and shuffled on its
+    own (the buffer empties at the end of a pass), so a pass holds every sample of those shards once.
+    """
+    shard_rng, buffer_rng = random.Random(base_seed), random.Random(base_seed + 1)
+    if plan.resampled:
+        draws = (shard_rng.choices(plan.urls, weights=plan.weights)[0] for _ in iter(int, 1))
+        limit = 2 * len(plan.urls) + 2
+        yield from shuffled(_shard_samples(draws, skips, limit), plan.shuffle_buffer, buffer_rng)
+        return
+    while True:
+        order = list(plan.assignment[worker])
+        shard_rng.shuffle(order)
+        count = 0
+        for sample in shuffled(_shard_samples(iter(order), skips), plan.shuffle_buffer, buffer_rng):
+            count += 1
+            yield sample
+        if count == 0:
+            raise RuntimeError(f"rank {plan.rank} worker {worker}: no sample in its shards {order}; "
+                               f"skipped: {dict(skips)}")
+
+
+def _worker_batches(plan: _EpochPlan, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """The rest of logical ``worker``'s epoch: (images, tokens, tag) batches, the tag locating the batch."""
+    start = plan.starts[worker]
+    quota = plan.quotas[worker]
+    if start.batches >= quota:
+        return
+    base_seed = _seed(plan.seed, plan.epoch, plan.rank, worker)
+    skips: Counter = Counter()
+    raw = _raw_stream(plan, worker, base_seed, skips)
+    for _ in range(start.raw):  # replay to the resume position without decoding
+        next(raw)
+    skips.clear()
+    skips.update(start.skipped)
+    pulled, batches, consecutive_skips = start.raw, start.batches, 0
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
+    for sample in raw:
+        pulled += 1
+        try:
+            image, caption = decode_sample(sample)
+        except Skip as skip:
+            skips[skip.reason] += 1
+            consecutive_skips += 1
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"rank {plan.rank} worker {worker}: {consecutive_skips} unusable samples in a "
+                                   f"row (last from {sample.get('__url__')}); skipped: {dict(skips)}") from None
+            continue
+        consecutive_skips = 0
+        with _seeded(base_seed + pulled):
+            images.append(plan.transform(image))
+        captions.append(caption)
+        if len(images) == plan.batch_size:
+            batches += 1
+            tag = {"worker": worker, "raw": pulled, "batches": batches, "skipped": dict(skips)}
+            yield torch.stack(images), plan.tokenizer(captions), tag
+            if batches == quota:
+                return
+            images, captions = [], []
+
+
+class _EpochDataset(IterableDataset):
+    def __init__(self, plan: _EpochPlan):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        info = get_worker_info()
+        workers = len(self.plan.quotas)
+        worker = ((info.id if info is not None else 0) + self.plan.offset) % workers
+        return _worker_batches(self.plan, worker)
+
+
+# --- the loader -------------------------------------------------------------------------------------
+
+
+class TrainLoader:
+    """Iterable of (images [B,3,H,W] float, tokens [B,L] long) training batches; see the module docstring.
+
+    Epoch mode: one ``iter()`` yields the rest of the current epoch; the next ``iter()`` starts the next
+    epoch. Resampled mode: one ``iter()`` never ends. Either way ``iter()`` continues from the batches
+    consumed so far, so a loader built with ``state=old.state_dict()`` continues where ``old`` stopped.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        resampled: bool,
+        shuffle_buffer: int,
+        rank: int,
+        world_size: int,
+        num_samples: int | None = None,
+        state: dict | None = None,
+    ):
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError(f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got {batch_size}, "
+                             f"{num_workers}, {shuffle_buffer}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        sources = parse_spec(spec)
+        self.urls = tuple(url for source in sources for url in source.urls)
+        self.weights = tuple(source.weight for source in sources for _ in source.urls)
+        self.transform, self.tokenizer = transform, tokenizer
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.resampled, self.shuffle_buffer, self.rank, self.world_size = resampled, shuffle_buffer, rank, world_size
+        self._workers = max(1, num_workers)
+        if not resampled:
+            if any(weight != 1.0 for weight in self.weights):
+                raise ValueError(f"shard spec {spec!r}: sampling weights need resampled mode")
+            if len(self.urls) < world_size * self._workers:
+                raise ValueError(
+                    f"epoch mode needs at least world_size x workers = {world_size} x {self._workers} shards, "
+                    f"{spec!r} has {len(self.urls)}; use resampled mode, fewer workers, or more shards")
+        self.num_samples = num_samples if num_samples is not None else count_samples(list(self.urls))
+        self.batches_per_epoch = self.num_samples // (batch_size * world_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{self.num_samples} samples make no full batch of {batch_size} on each of "
+                             f"{world_size} rank(s)")
+        self._quotas = tuple(self.batches_per_epoch // self._workers + (w < self.batches_per_epoch % self._workers)
+                             for w in range(self._workers))
+        self._epoch, self._batches = 0, 0
+        self._positions = [WorkerState() for _ in range(self._workers)]
+        self._skipped_before: Counter = Counter()
+        if state is not None:
+            self._load(state)
+
+    # -- iteration --
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self._epoch_batches()
+            if not self.resampled:
+                return
+
+    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(_EpochDataset(self._plan()), batch_size=None, num_workers=self.num_workers)
+        for images, tokens, tag in loader:
+            self._positions[tag["worker"]] = WorkerState(tag["raw"], tag["batches"], tag["skipped"])
+            self._batches += 1
+            if self._batches == self.batches_per_epoch:
+                self._next_epoch()
+            yield images, tokens
+        if self._batches != 0:
+            raise RuntimeError(f"the workers stopped after {self._batches} of {self.batches_per_epoch} batches")
+
+    def _plan(self) -> _EpochPlan:
+        return _EpochPlan(
+            seed=self.seed, epoch=self._epoch, rank=self.rank, resampled=self.resampled,
+            urls=self.urls, weights=self.weights, assignment=self._assignment(), quotas=self._quotas,
+            starts=tuple(self._positions), offset=self._batches % self._workers, batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer, transform=self.transform, tokenizer=self.tokenizer,
+        )
+
+    def _assignment(self) -> tuple[tuple[str, ...], ...]:
+        """Epoch mode: this epoch's shard order dealt round-robin to all ranks' workers; this rank's part."""
+        if self.resampled:
+            return ()
+        order = list(self.urls)
+        random.Random(_seed(self.seed, self._epoch)).shuffle(order)
+        slots = self.world_size * self._workers
+        return tuple(tuple(order[self.rank * self._workers + w::slots]) for w in range(self._workers))
+
+    def _next_epoch(self) -> None:
+        for position in self._positions:
+            self._skipped_before.update(position.skipped)
+        self._epoch, self._batches = self._epoch + 1, 0
+        self._positions = [WorkerState() for _ in range(self._workers)]
+
+    # -- bookkeeping --
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        return self._epoch
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples by reason, over all workers, up to the last batch consumed."""
+        total = Counter(self._skipped_before)
+        for position in self._positions:
+            total.update(position.skipped)
+        return dict(total)
+
+    def _layout(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "workers": self._workers,
+                "batch_size": self.batch_size, "resampled": self.resampled, "shuffle_buffer": self.shuffle_buffer,
+                "shards": len(self.urls), "batches_per_epoch": self.batches_per_epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position after the batches consumed so far (pass as ``state=`` to resume)."""
+        return {
+            "version": STATE_VERSION, "epoch": self._epoch, "batches": self._batches,
+            "workers": [{"raw": p.raw, "batches": p.batches, "skipped": dict(p.skipped)} for p in self._positions],
+            "skipped_before": dict(self._skipped_before), "layout": self._layout(),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mismatched = {key: (value, state["layout"].get(key)) for key, value in self._layout().items()
+                      if state["layout"].get(key) != value}
+        if mismatched:
+            details = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
+            raise ValueError(f"loader state was saved with a different setup, cannot resume exactly; {details}")
+        workers = [WorkerState(int(w["raw"]), int(w["batches"]), {str(k): int(v) for k, v in w["skipped"].items()})
+                   for w in state["workers"]]
+        if sum(w.batches for w in workers) != state["batches"]:
+            raise ValueError("loader state is inconsistent: worker batch counts do not add up to 'batches'")
+        self._epoch, self._batches, self._positions = int(state["epoch"]), int(state["batches"]), workers
+        self._skipped_before = Counter({str(k): int(v) for k, v in state["skipped_before"].items()})

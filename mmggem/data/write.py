@@ -1,0 +1,475 @@
+"""Build training shards and CLIP_benchmark evaluation sets from folders and caption files.
+
+Three builders, one per ``mmggem data`` command, each writing one output directory:
+
+- ``build_caption_shards``: images + a CSV/TSV/JSONL file of (file name, caption) rows -> training shards.
+- ``build_classification_set``: one sub-folder per class -> a CLIP_benchmark classification set.
+- ``build_retrieval_set``: images + caption rows (several per image allowed) -> a CLIP_benchmark retrieval set.
+
+Every builder writes into a hidden temporary directory beside OUT and renames it to OUT only when
+everything is written, so an interrupted run never leaves a complete-looking OUT. A non-empty OUT is
+refused unless ``overwrite``. Inputs that cannot be used (a missing or unreadable image, an empty
+caption, ...) are skipped and listed, with the reason, in the returned ``WriteReport``.
+
+Images that are already JPEG, PNG or WebP are stored byte for byte (the extension follows the real
+format, not the file name); other formats Pillow reads (BMP, GIF, TIFF, ...) are re-encoded as PNG.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from . import formats
+
+CAPTION_FILE_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
+"""Accepted caption-file suffixes and their column delimiter (JSONL has none)."""
+
+_NATIVE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: camera JPEG + extra frames
+_TAR_MTIME = 0.0  # fixed member times: the same input gives byte-identical shards
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as stored in a shard: its extension (a formats.IMAGE_EXTENSIONS member) and bytes."""
+
+    ext: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    image: EncodedImage
+    caption: str
+    meta: dict | None = None
+
+
+@dataclass(frozen=True)
+class ClassSample:
+    image: EncodedImage
+    label: int
+
+
+@dataclass(frozen=True)
+class RetrievalSample:
+    image: EncodedImage
+    captions: list[str]
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    """One (file name, caption) row of a caption file; ``line`` locates it for messages."""
+
+    file: str
+    caption: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    item: str
+    reason: str
+
+
+@dataclass
+class WriteReport:
+    """What a builder wrote and what it skipped and why."""
+
+    out: Path
+    kind: str
+    samples: int = 0
+    shards: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skipped))
+
+    def summary(self, max_items: int = 5) -> str:
+        """Human-readable lines: counts, location, then each skip reason with a few examples."""
+        lines = [f"wrote {self.kind}: {self.samples} samples in {self.shards} shard(s) to {self.out}"]
+        for reason, count in sorted(self.skipped_by_reason().items()):
+            items = [s.item for s in self.skipped if s.reason == reason]
+            shown = ", ".join(items[:max_items]) + (", ..." if len(items) > max_items else "")
+            lines.append(f"  skipped {count} ({reason}): {shown}")
+        return "\n".join(lines)
+
+
+class ImageError(ValueError):
+    """An input image that cannot be stored; the message is the skip reason."""
+
+
+# --- output directories ------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` when the block finishes without error.
+
+    Refuses a non-empty ``out`` unless ``overwrite``; the old content is removed only after the
+    new directory is in place. On error the temporary directory is removed and ``out`` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose an empty or new directory, or overwrite (--overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+class _Shards:
+    """Writes samples into numbered tar shards of at most ``per_shard`` samples each."""
+
+    def __init__(self, directory: Path, name: Callable[[int], str], per_shard: int):
+        if per_shard < 1:
+            raise ValueError(f"samples per shard must be at least 1, got {per_shard}")
+        self.directory, self.name, self.per_shard = directory, name, per_shard
+        self.counts: dict[str, int] = {}
+        self._writer: wds.TarWriter | None = None
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None or self.counts[self._current] == self.per_shard:
+            self.close()
+            self._current = self.name(len(self.counts))
+            self.counts[self._current] = 0
+            self._writer = wds.TarWriter(str(self.directory / self._current), mtime=_TAR_MTIME)
+        self._writer.write(sample)
+        self.counts[self._current] += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+# --- writing samples into a directory ------------------------------------------------------------
+
+
+def write_training_shards(
+    directory: Path, samples: Iterable[TrainingSample], samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD
+) -> dict[str, int]:
+    """Write training shards and ``sizes.json`` into an existing ``directory``; return shard name -> count."""
+    shards = _Shards(Path(directory), formats.train_shard_name, samples_per_shard)
+    try:
+        for index, sample in enumerate(samples):
+            record = {formats.KEY_FIELD: f"{index:09d}", sample.image.ext: sample.image.data,
+                      formats.CAPTION_KEY: sample.caption}
+            if sample.meta is not None:
+                record[formats.JSON_KEY] = sample.meta
+            shards.write(record)
+    finally:
+        shards.close()
+    if not shards.counts:
+        raise ValueError(f"no usable (image, caption) pair to write into {directory}")
+    (Path(directory) / formats.SIZES_FILE).write_text(json.dumps(shards.counts, indent=1) + "\n")
+    return shards.counts
+
+
+def _write_eval_shards(directory: Path, records: Iterable[dict], samples_per_shard: int) -> dict[str, int]:
+    split_dir = Path(directory) / formats.EVAL_SPLIT
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards = _Shards(split_dir, formats.eval_shard_name, samples_per_shard)
+    try:
+        for index, record in enumerate(records):
+            shards.write({formats.KEY_FIELD: formats.eval_sample_key(index), **record})
+    finally:
+        shards.close()
+    if not shards.counts:
+        raise ValueError(f"no usable sample to write into {directory}")
+    (split_dir / formats.NSHARDS_FILE).write_text(f"{len(shards.counts)}\n")
+    return shards.counts
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def write_classification_set(
+    directory: Path,
+    samples: Iterable[ClassSample],
+    classnames: Sequence[str],
+    templates: Sequence[str] = formats.DEFAULT_TEMPLATES,
+    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
+) -> dict[str, int]:
+    """Write a CLIP_benchmark classification set into an existing ``directory``; return shard name -> count."""
+    check_templates(templates)
+    for name in classnames:
+        if not name.strip() or "\n" in name:
+            raise ValueError(f"class name {name!r} must be non-empty and on one line")
+    records = ({sample.image.ext: sample.image.data, formats.LABEL_KEY: int(sample.label)} for sample in samples)
+    counts = _write_eval_shards(directory, records, samples_per_shard)
+    _write_lines(Path(directory) / formats.DATASET_TYPE_FILE, [formats.CLASSIFICATION])
+    _write_lines(Path(directory) / formats.CLASSNAMES_FILE, list(classnames))
+    _write_lines(Path(directory) / formats.TEMPLATES_FILE, list(templates))
+    return counts
+
+
+def write_retrieval_set(
+    directory: Path, samples: Iterable[RetrievalSample], samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD
+) -> dict[str, int]:
+    """Write a CLIP_benchmark retrieval set into an existing ``directory``; return shard name -> count."""
+    records = ({sample.image.ext: sample.image.data, formats.CAPTION_KEY: formats.join_captions(sample.captions)}
+               for sample in samples)
+    counts = _write_eval_shards(directory, records, samples_per_shard)
+    _write_lines(Path(directory) / formats.DATASET_TYPE_FILE, [formats.RETRIEVAL])
+    return counts
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """Raise a ValueError naming the first template without the ``{c}`` placeholder."""
+    if not templates:
+        raise ValueError("at least one zero-shot template is needed")
+    for number, template in enumerate(templates, start=1):
+        if formats.CLASS_PLACEHOLDER not in template:
+            raise ValueError(f"template {number} {template!r} has no {formats.CLASS_PLACEHOLDER} for the class name")
+
+
+# --- reading inputs ------------------------------------------------------------------------------
+
+
+def encode_image_file(path: Path) -> EncodedImage:
+    """Read an image file for a shard: JPEG/PNG/WebP bytes as they are, other formats as PNG.
+
+    Raises ImageError (message = skip reason) for a missing or unreadable file, undecodable bytes, or an
+    image over Pillow's decompression-bomb limit.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError("missing file") from None
+    except OSError:
+        raise ImageError("unreadable file") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format in _NATIVE_FORMATS:
+                return EncodedImage(_NATIVE_FORMATS[image.format], data)
+            buffer = io.BytesIO()
+            try:
+                image.save(buffer, format="PNG")
+            except (OSError, KeyError, ValueError):  # modes PNG cannot hold, e.g. CMYK or float
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+            return EncodedImage("png", buffer.getvalue())
+    except Image.DecompressionBombError:
+        raise ImageError("image too large") from None
+    except Exception:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...) for bad bytes
+        raise ImageError("unreadable image") from None
+
+
+def read_caption_rows(
+    path: str | os.PathLike, file_column: str = "file", caption_column: str = "caption"
+) -> list[CaptionRow]:
+    """Rows of a CSV/TSV (with a header row) or JSONL caption file, in file order.
+
+    In JSONL a caption may also be a list of strings (one row per caption).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CAPTION_FILE_SUFFIXES:
+        raise ValueError(f"{path}: caption file must end in one of {', '.join(CAPTION_FILE_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, text, file_column, caption_column)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CAPTION_FILE_SUFFIXES[suffix])
+    missing = [c for c in (file_column, caption_column) if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: header has columns {reader.fieldnames}, missing {missing}; "
+                         "name the columns with --file-column / --caption-column")
+    return [CaptionRow(str(row[file_column] or ""), str(row[caption_column] or ""), reader.line_num) for row in reader]
+
+
+def _jsonl_rows(path: Path, text: str, file_column: str, caption_column: str) -> list[CaptionRow]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error})") from None
+        if not isinstance(obj, dict) or file_column not in obj or caption_column not in obj:
+            raise ValueError(f"{path}:{number}: expected an object with keys {file_column!r} and {caption_column!r}; "
+                             "name them with --file-column / --caption-column")
+        captions = obj[caption_column] if isinstance(obj[caption_column], list) else [obj[caption_column]]
+        rows.extend(CaptionRow(str(obj[file_column]), str(caption), number) for caption in captions)
+    return rows
+
+
+def _image_files(directory: Path) -> list[Path]:
+    """Non-hidden files under ``directory``, recursively, sorted."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def _require_dir(directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory of images")
+    return directory
+
+
+def progress_bar(items: Iterable, desc: str, total: int, enabled: bool = True) -> Iterable:
+    """``items`` with a tqdm bar (images per second, ETA) on stderr when ``enabled``."""
+    return tqdm(items, desc=desc, total=total, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+def _group_captions(rows: list[CaptionRow], images: Path, skipped: list[Skipped]) -> dict[str, list[str]]:
+    """File name -> its non-empty captions, in order of first appearance; skips empty captions and
+    names left without one, and lists images under ``images`` that no row names."""
+    grouped: dict[str, list[str]] = {}
+    for row in rows:
+        if not row.file.strip():
+            skipped.append(Skipped(f"line {row.line}", "empty file name"))
+            continue
+        grouped.setdefault(row.file, [])
+        if not row.caption.strip():
+            skipped.append(Skipped(f"{row.file} (line {row.line})", "empty caption"))
+        else:
+            grouped[row.file].append(row.caption.strip())
+    listed = {str((images / name).resolve()) for name in grouped}
+    skipped.extend(Skipped(str(p.relative_to(images)), "no caption row") for p in _image_files(images)
+                   if str(p.resolve()) not in listed)
+    skipped.extend(Skipped(name, "no caption") for name, captions in grouped.items() if not captions)
+    return {name: captions for name, captions in grouped.items() if captions}
+
+
+def _encoded(images: Path, name: str, skipped: list[Skipped]) -> EncodedImage | None:
+    try:
+        return encode_image_file(images / name)
+    except ImageError as error:
+        skipped.append(Skipped(name, str(error)))
+        return None
+
+
+# --- builders (one per CLI command) ------------------------------------------------------------
+
+
+def build_caption_shards(
+    images: str | os.PathLike,
+    captions: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
+    overwrite: bool = False,
+    file_column: str = "file",
+    caption_column: str = "caption",
+    progress: bool = True,
+) -> WriteReport:
+    """Training shards (+ sizes.json) from a folder of images and a caption file; one sample per caption row."""
+    images = _require_dir(images)
+    report = WriteReport(Path(out), "training shards")
+    grouped = _group_captions(read_caption_rows(captions, file_column, caption_column), images, report.skipped)
+
+    def samples() -> Iterator[TrainingSample]:
+        for name in progress_bar(list(grouped), "training shards", len(grouped), progress):
+            image = _encoded(images, name, report.skipped)
+            for caption in grouped[name] if image else []:
+                yield TrainingSample(image, caption, {"file": name})
+
+    with atomic_directory(out, overwrite) as tmp:
+        counts = write_training_shards(tmp, samples(), samples_per_shard)
+    report.samples, report.shards = sum(counts.values()), len(counts)
+    return report
+
+
+def class_folders(images: Path) -> list[tuple[str, Path]]:
+    """(class name, folder) per non-hidden sub-folder, sorted by folder name; '_' in a name becomes a space."""
+    folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{images} has no sub-folders; expected one sub-folder of images per class")
+    named = [(p.name.replace("_", " ").strip(), p) for p in folders]
+    duplicates = [name for name, count in Counter(name for name, _ in named).items() if count > 1]
+    if duplicates:
+        raise ValueError(f"{images}: several folders give the class name(s) {duplicates}")
+    return named
+
+
+def build_classification_set(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    templates: Sequence[str] | None = None,
+    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> WriteReport:
+    """A CLIP_benchmark classification set from a folder with one sub-folder of images per class.
+
+    Labels follow the sorted folder names; ``templates`` default to formats.DEFAULT_TEMPLATES.
+    """
+    images = _require_dir(images)
+    templates = list(templates) if templates is not None else list(formats.DEFAULT_TEMPLATES)
+    check_templates(templates)
+    report = WriteReport(Path(out), "classification set")
+    classes = class_folders(images)
+    report.skipped.extend(Skipped(p.name, "not in a class folder") for p in images.iterdir()
+                          if p.is_file() and not p.name.startswith("."))
+    files = [(label, path) for label, (_, folder) in enumerate(classes) for path in _image_files(folder)]
+
+    def samples() -> Iterator[ClassSample]:
+        for label, path in progress_bar(files, "classification set", len(files), progress):
+            image = _encoded(images, str(path.relative_to(images)), report.skipped)
+            if image is not None:
+                yield ClassSample(image, label)
+
+    with atomic_directory(out, overwrite) as tmp:
+        counts = write_classification_set(tmp, samples(), [name for name, _ in classes], templates, samples_per_shard)
+    report.samples, report.shards = sum(counts.values()), len(counts)
+    return report
+
+
+def build_retrieval_set(
+    images: str | os.PathLike,
+    captions: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
+    overwrite: bool = False,
+    file_column: str = "file",
+    caption_column: str = "caption",
+    progress: bool = True,
+) -> WriteReport:
+    """A CLIP_benchmark retrieval set: one sample per image with all its captions (rows sharing a file name)."""
+    images = _require_dir(images)
+    report = WriteReport(Path(out), "retrieval set")
+    grouped = _group_captions(read_caption_rows(captions, file_column, caption_column), images, report.skipped)
+
+    def samples() -> Iterator[RetrievalSample]:
+        for name in progress_bar(list(grouped), "retrieval set", len(grouped), progress):
+            image = _encoded(images, name, report.skipped)
+            if image is not None:
+                yield RetrievalSample(image, grouped[name])
+
+    with atomic_directory(out, overwrite) as tmp:
+        counts = write_retrieval_set(tmp, samples(), samples_per_shard)
+    report.samples, report.shards = sum(counts.values()), len(counts)
+    return report

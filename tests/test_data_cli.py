@@ -1,0 +1,115 @@
+"""Every `mmggem data` command, round trip: files in -> command -> the sets load back with what went in."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_fixtures import byte_tokenizer, decode_tokens, image_bytes, noise, plain_transform, run_cli, solid
+from mmggem.data.demo import SYNONYMS
+from mmggem.data.loader import TrainLoader
+from mmggem.evaluate.dataset import open_eval_set
+
+
+def clip_benchmark_load(root: Path) -> list:
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    return list(build_wds_dataset("set", transform=lambda im: np.asarray(im), split="test", data_dir=str(root)))
+
+
+def all_captions(spec: str) -> list[str]:
+    loader = TrainLoader(spec, transform=plain_transform, tokenizer=byte_tokenizer, batch_size=1, num_workers=0,
+                         seed=0, resampled=False, shuffle_buffer=0, rank=0, world_size=1)
+    return [decode_tokens(tokens)[0] for _, tokens in loader]
+
+
+def test_demo_writes_training_shards_and_both_evaluation_sets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(["data", "demo", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote training shards: 7000 samples in 7 shard(s) to {tmp_path / 'demo' / 'train'}" in printed
+    assert "wrote classification set: 1500 samples in 2 shard(s)" in printed
+    assert "wrote retrieval set: 1500 samples in 2 shard(s)" in printed
+    sizes = json.loads((tmp_path / "demo" / "train" / "sizes.json").read_text())
+    assert sizes == {f"{i:05d}.tar": 1000 for i in range(7)}
+    loader = TrainLoader(str(tmp_path / "demo/train/{00000..00006}.tar"), transform=plain_transform,
+                         tokenizer=byte_tokenizer, batch_size=50, num_workers=0, seed=0, resampled=False,
+                         shuffle_buffer=100, rank=0, world_size=1)
+    images, tokens = next(iter(loader))
+    assert loader.batches_per_epoch == 140 and images.shape == (50, 3, 8, 8)
+    names = [name for synonyms in SYNONYMS for name in synonyms]
+    assert all(any(name in caption for name in names) for caption in decode_tokens(tokens))
+    zeroshot = clip_benchmark_load(tmp_path / "demo" / "zeroshot")
+    assert len(zeroshot) == 1500 and zeroshot[0][0].shape == (28, 28, 3)
+    assert np.bincount([label for _, label in zeroshot]).tolist() == [150] * 10
+    retrieval = open_eval_set(tmp_path / "demo" / "retrieval")
+    assert len(retrieval.samples) == 1500 and all(len(s.captions) == 2 for s in retrieval.samples)
+    assert run_cli(["data", "demo", str(tmp_path / "demo")]) == 1
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_captions_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"{i}.png").write_bytes(image_bytes(noise(i)))
+    rows = [{"path": f"{i}.png", "text": f"caption {i}"} for i in range(5)] + [{"path": "9.png", "text": "gone"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["data", "captions", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "rows.jsonl"),
+            "--out", str(tmp_path / "shards"), "--samples-per-shard", "2", "--file-column", "path",
+            "--caption-column", "text"]
+    assert run_cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "wrote training shards: 5 samples in 3 shard(s)" in printed
+    assert "skipped 1 (missing file): 9.png" in printed
+    assert sorted(all_captions(str(tmp_path / "shards" / "{00000..00002}.tar"))) == [f"caption {i}" for i in range(5)]
+    (tmp_path / "images" / "0.png").write_bytes(image_bytes(solid((1, 2, 3))))
+    assert run_cli(argv) == 1
+    assert run_cli(argv + ["--overwrite"]) == 0
+
+
+def test_classes_command_round_trip_with_custom_templates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    colours = {"red_thing": (255, 0, 0), "blue_thing": (0, 0, 255)}
+    for name, colour in colours.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "images" / name / f"{i}.jpg").write_bytes(image_bytes(solid(colour), "JPEG"))
+    (tmp_path / "templates.txt").write_text("a photo of a {c}.\n\nsomething {c}-like.\n")
+    assert run_cli(["data", "classes", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "set"),
+                    "--templates", str(tmp_path / "templates.txt"), "--samples-per-shard", "4"]) == 0
+    assert "wrote classification set: 6 samples in 2 shard(s)" in capsys.readouterr().out
+    loaded = clip_benchmark_load(tmp_path / "set")
+    assert [label for _, label in loaded] == [0, 0, 0, 1, 1, 1]  # blue_thing sorts first
+    assert all(np.abs(image[0, 0].astype(int) - (0, 0, 255)).max() < 8 for image, label in loaded if label == 0)
+    assert (tmp_path / "set" / "classnames.txt").read_text() == "blue thing\nred thing\n"
+    assert (tmp_path / "set" / "zeroshot_classification_templates.txt").read_text() == \
+        "a photo of a {c}.\nsomething {c}-like.\n"
+    (tmp_path / "bad_templates.txt").write_text("no placeholder\n")
+    assert run_cli(["data", "classes", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "other"),
+                    "--templates", str(tmp_path / "bad_templates.txt")]) == 1
+    assert "has no {c}" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_retrieval_command_round_trip_with_several_captions_per_image(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.webp").write_bytes(image_bytes(noise(i), "WEBP"))
+    (tmp_path / "captions.tsv").write_text(
+        "file\tcaption\n0.webp\tzero\n1.webp\tone\n0.webp\tnought\n2.webp\t\n2.webp\ttwo\n")
+    command = [sys.executable, "-m", "mmggem.cli", "data", "retrieval", "--images", str(tmp_path / "images"),
+               "--captions", str(tmp_path / "captions.tsv"), "--out", str(tmp_path / "set")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
+    assert "wrote retrieval set: 3 samples in 1 shard(s)" in printed
+    assert "skipped 1 (empty caption): 2.webp (line 5)" in printed
+    assert [captions for _, captions in clip_benchmark_load(tmp_path / "set")] == [["zero", "nought"], ["one"], ["two"]]
+
+
+def test_a_missing_input_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "c.csv").write_text("file,caption\n")
+    assert run_cli(["data", "captions", "--images", str(tmp_path / "nope"), "--captions", str(tmp_path / "c.csv"),
+                    "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'nope'} is not a directory of images" in capsys.readouterr().err
