@@ -1,0 +1,424 @@
+"""Reading a CLIP_benchmark-layout evaluation set from a local folder, split over processes.
+
+The layout (see :mod:`mmggem.data.formats`) is the one
+``clip_benchmark.datasets.builder.build_wds_dataset`` reads. Samples are
+grouped from tar members exactly as webdataset groups them (the key is the
+member name up to the first dot of its base name, consecutive members with one
+key form a sample, extensions are lower-cased, ``__*__`` members are skipped),
+and the image is the first of ``webp``, ``png``, ``jpg``, ``jpeg`` present,
+decoded as webdataset's ``"pil"`` image handler does (open, load, convert to RGB).
+
+Why not a webdataset pipeline: a set is scanned once, reading only tar headers
+and the small ``cls`` / ``txt`` members, into a list of samples with the byte
+offset of each image. That gives the exact sample count (progress with ETA),
+validates labels before any model work, and lets each process and loader worker
+read and decode only the images it encodes, whatever the number of shards.
+Processes take contiguous blocks of the sample list; gathering their results in
+index order gives exactly the features one process would compute.
+
+Samples that cannot be used are skipped and counted by reason (no image, no
+label, an image that fails to decode); anything that would make a number wrong
+(a malformed label, a truncated shard, duplicate members) is an error naming the
+shard and key.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..data import formats
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+# webdataset's rules: key = everything up to the first dot of the base name; "__x__" members are metadata.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable sample of a set: where its image bytes lie, and its label or captions."""
+
+    shard: Path
+    key: str
+    image_offset: int
+    image_size: int
+    label: int | None = None
+    captions: tuple[str, ...] | None = None
+
+    @property
+    def where(self) -> str:
+        """``shard:key``, the way errors and skip reports name a sample."""
+        return f"{self.shard}:{self.key}"
+
+
+@dataclass
+class Skips:
+    """Samples left out, counted by reason, with the first one of each reason for the report."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def update(self, other: "Skips") -> None:
+        self.counts.update(other.counts)
+        for reason, where in other.first.items():
+            self.first.setdefault(reason, where)
+
+    def describe(self) -> str:
+        """One line per reason: count, reason and the first sample skipped for it."""
+        return "; ".join(f"{n} x {reason} (first: {self.first[reason]})" for reason, n in sorted(self.counts.items()))
+
+
+@dataclass
+class EvalSet:
+    """A scanned evaluation set: its type, its own class names / templates (None when absent), its samples."""
+
+    root: Path
+    dataset_type: str
+    samples: list[Sample]
+    skips: Skips
+    classnames: list[str] | None
+    templates: list[str] | None
+
+    @property
+    def name(self) -> str:
+        """The set's name: its folder's name."""
+        return self.root.resolve().name
+
+
+def open_eval_set(root: str | Path, split: str = formats.EVAL_SPLIT) -> EvalSet:
+    """Scan the set in ``root`` (headers and labels or captions only; no image is decoded).
+
+    Raises FileNotFoundError for a missing folder, ``nshards.txt`` or shard, and ValueError
+    for a set with no usable sample or a sample that would make a metric wrong.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"evaluation set folder not found: {root}")
+    dataset_type = formats.read_dataset_type(root)
+    nshards = formats.read_nshards(root, split)
+    samples: list[Sample] = []
+    skips = Skips()
+    for index in range(nshards):
+        shard = root / split / formats.eval_shard_name(index)
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard} is missing ({root / split / formats.NSHARDS_FILE} says {nshards} shards)")
+        for key, members, tar in _grouped_members(shard):
+            _add_sample(shard, key, members, tar, dataset_type, samples, skips)
+    if not samples:
+        detail = f" ({skips.describe()})" if skips.counts else ""
+        raise ValueError(f"{root / split}: no usable sample in {nshards} shard(s){detail}")
+    return EvalSet(
+        root=root,
+        dataset_type=dataset_type,
+        samples=samples,
+        skips=skips,
+        classnames=_optional_lines(root / formats.CLASSNAMES_FILE),
+        templates=_optional_lines(root / formats.TEMPLATES_FILE),
+    )
+
+
+def _optional_lines(path: Path) -> list[str] | None:
+    return formats.read_lines(path) if path.is_file() else None
+
+
+def _grouped_members(shard: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
+    """Yield ``(key, {extension: member}, tar)`` per sample of ``shard``, grouped as webdataset groups them."""
+    shard_bytes = shard.stat().st_size
+    try:
+        tar = tarfile.open(shard, mode="r:")
+    except tarfile.TarError as error:
+        raise ValueError(f"{shard}: not a readable uncompressed tar file ({error})") from None
+    with tar:
+        key: str | None = None
+        members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for info in tar:
+                if not info.isreg() or _METADATA_MEMBER.match(info.name):
+                    continue
+                match = _KEY_AND_EXTENSION.match(info.name)
+                if match is None:
+                    continue
+                if info.offset_data + info.size > shard_bytes:
+                    raise ValueError(f"{shard}: truncated; member {info.name!r} ends past the end of the file")
+                member_key, extension = match.group(1), match.group(2).lower()
+                if member_key != key:
+                    if members:
+                        yield key, members, tar
+                    key, members = member_key, {}
+                if extension in members:
+                    raise ValueError(f"{shard}: sample {key!r} has two {extension!r} members")
+                members[extension] = info
+        except tarfile.TarError as error:
+            raise ValueError(f"{shard}: corrupt tar file ({error})") from None
+        _check_end_of_archive(shard, tar.offset)
+        if members:
+            yield key, members, tar
+
+
+def _check_end_of_archive(shard: Path, end: int) -> None:
+    """Raise unless the bytes after the last member are an end-of-archive marker (zero blocks).
+
+    ``tarfile`` stops silently at a cut header, so a truncated download would otherwise
+    look like a shorter shard.
+    """
+    with open(shard, "rb") as f:
+        f.seek(end)
+        rest = f.read()
+    if len(rest) < tarfile.BLOCKSIZE or rest.strip(b"\0"):
+        raise ValueError(f"{shard}: truncated or corrupt after byte {end} (no end-of-archive marker)")
+
+
+def _add_sample(
+    shard: Path,
+    key: str,
+    members: dict[str, tarfile.TarInfo],
+    tar: tarfile.TarFile,
+    dataset_type: str,
+    samples: list[Sample],
+    skips: Skips,
+) -> None:
+    where = f"{shard}:{key}"
+    extension = formats.image_key(members)
+    if extension is None:
+        skips.add(f"no image ({'/'.join(formats.IMAGE_EXTENSIONS)})", where)
+        return
+    image = members[extension]
+    place = dict(shard=shard, key=key, image_offset=image.offset_data, image_size=image.size)
+    if dataset_type == formats.RETRIEVAL:
+        if formats.CAPTION_KEY not in members:
+            skips.add(f"no {formats.CAPTION_KEY} captions", where)
+            return
+        text = _read_member(tar, members[formats.CAPTION_KEY])
+        try:
+            captions = formats.split_captions(text.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{where}.{formats.CAPTION_KEY}: captions are not UTF-8 ({error})") from None
+        samples.append(Sample(**place, captions=tuple(captions)))
+    else:
+        if formats.LABEL_KEY not in members:
+            skips.add(f"no {formats.LABEL_KEY} label", where)
+            return
+        raw = _read_member(tar, members[formats.LABEL_KEY])
+        try:
+            label = int(raw)
+        except ValueError:
+            raise ValueError(f"{where}.{formats.LABEL_KEY}: label {raw[:40]!r} is not an integer class index") from None
+        samples.append(Sample(**place, label=label))
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(info)
+    assert handle is not None  # regular files only reach here
+    return handle.read()
+
+
+def decode_image(data: bytes) -> PIL.Image.Image:
+    """Decode image bytes as webdataset's ``"pil"`` handler does: open, load, convert to RGB."""
+    with io.BytesIO(data) as stream:
+        image = PIL.Image.open(stream)
+        image.load()
+        return image.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset over a set's samples: ``(index, image tensor or None, failure or None)``.
+
+    Each item reads only its image's bytes (one seek into the shard) and decodes them; an
+    image that fails to decode yields ``None`` and the decoder's message, to be counted.
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocess: Callable[[PIL.Image.Image], torch.Tensor]):
+        self.samples = samples
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        sample = self.samples[index]
+        with open(sample.shard, "rb") as f:
+            f.seek(sample.image_offset)
+            data = f.read(sample.image_size)
+        try:
+            image = decode_image(data)
+        except Exception as error:  # any decoder failure (PIL raises OSError, ValueError, SyntaxError, ...)
+            return index, None, f"{type(error).__name__}: {error}"
+        return index, self.preprocess(image), None
+
+
+@dataclass
+class Batch:
+    """Images that decoded, their sample indices, and the failures of this batch."""
+
+    indices: list[int]
+    images: torch.Tensor | None
+    failures: list[tuple[int, str]]
+
+    def pin_memory(self) -> "Batch":
+        """Called by a DataLoader with ``pin_memory=True`` (CUDA), for faster copies to the GPU."""
+        images = self.images.pin_memory() if self.images is not None else None
+        return Batch(self.indices, images, self.failures)
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
+    """Stack the decoded images of a batch and keep the failures apart."""
+    decoded = [(index, image) for index, image, _ in items if image is not None]
+    return Batch(
+        indices=[index for index, _ in decoded],
+        images=torch.stack([image for _, image in decoded]) if decoded else None,
+        failures=[(index, failure) for index, _, failure in items if failure is not None],
+    )
+
+
+class Processes:
+    """This process's place among the evaluating processes, and gathering from all of them.
+
+    Without an accelerator (or with one process) everything is local. With one, each
+    process takes a contiguous block of the samples and ``gather`` concatenates the
+    processes' lists in process order.
+    """
+
+    def __init__(self, accelerator: "Accelerator | None" = None):
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int) -> range:
+        """The contiguous block of ``range(n)`` this process handles (blocks differ in size by at most one)."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every process's ``items`` concatenated in process order, on every process."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
+def loader(
+    evalset: EvalSet,
+    preprocess: Callable[[PIL.Image.Image], torch.Tensor],
+    processes: Processes,
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of this process's block of samples, in sample order."""
+    dataset = ImageDataset(evalset.samples, preprocess)
+    return DataLoader(
+        Subset(dataset, processes.part(len(dataset))),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+    )
+
+
+# --- encoding this process's part, gathering every process's ---------------------------------
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How features are computed: device, CLIP_benchmark's ``amp`` autocast switch, batch size, loader workers."""
+
+    device: torch.device
+    amp: bool
+    batch_size: int
+    num_workers: int
+    progress: bool
+
+
+@dataclass
+class ImageFeatures:
+    """Normalised features of every decodable image of a set, in sample order, and the samples left out."""
+
+    indices: torch.Tensor
+    features: torch.Tensor
+    skips: Skips
+
+
+@torch.inference_mode()
+def encode_images(
+    model: torch.nn.Module,
+    evalset: EvalSet,
+    preprocess: Callable[[PIL.Image.Image], torch.Tensor],
+    processes: Processes,
+    encoding: Encoding,
+) -> ImageFeatures:
+    """Each process encodes its block of images; every process gets all features, on the CPU.
+
+    Raises ValueError when no image of the set decodes.
+    """
+    device = encoding.device
+    batches = loader(evalset, preprocess, processes, batch_size=encoding.batch_size,
+                     num_workers=encoding.num_workers, pin_memory=device.type == "cuda")
+    indices, features, failures = [], [], []
+    for batch in tqdm(batches, desc=f"{evalset.name} images", disable=not (encoding.progress and processes.is_main)):
+        failures.extend(batch.failures)
+        if batch.images is None:
+            continue
+        with torch.autocast(device.type, enabled=encoding.amp):
+            encoded = F.normalize(model.encode_image(batch.images.to(device)), dim=-1)
+        indices.append(torch.tensor(batch.indices))
+        features.append(encoded.cpu())
+    parts = processes.gather([(torch.cat(indices), torch.cat(features))] if features else [])
+    skips = _all_skips(evalset, processes.gather(failures), processes)
+    if not parts:
+        raise ValueError(f"{evalset.root}: no image could be decoded ({skips.describe()})")
+    return ImageFeatures(torch.cat([i for i, _ in parts]), torch.cat([f for _, f in parts]), skips)
+
+
+def _all_skips(evalset: EvalSet, failures: list[tuple[int, str]], processes: Processes) -> Skips:
+    """All skips of a run (those found while scanning, and images that failed to decode), logged once."""
+    skips = Skips()
+    skips.update(evalset.skips)
+    for index, message in failures:
+        skips.add("undecodable image", f"{evalset.samples[index].where}: {message}")
+    if skips.counts and processes.is_main:
+        log.warning("%s: skipped %d sample(s): %s", evalset.root, sum(skips.counts.values()), skips.describe())
+    return skips
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    processes: Processes,
+    encoding: Encoding,
+) -> torch.Tensor:
+    """Normalised embeddings of ``texts`` (each process encodes a block), in order, on the CPU."""
+    device = encoding.device
+    mine = [texts[i] for i in processes.part(len(texts))]
+    chunks = []
+    for start in range(0, len(mine), encoding.batch_size):
+        tokens = tokenizer(mine[start : start + encoding.batch_size]).to(device)
+        with torch.autocast(device.type, enabled=encoding.amp):
+            chunks.append(F.normalize(model.encode_text(tokens), dim=-1).cpu())
+    return torch.cat(processes.gather(chunks))

@@ -1,0 +1,171 @@
+"""Evaluation results: CLIP_benchmark's JSON schema, atomic files, a readable table, a summary CSV.
+
+A result file holds CLIP_benchmark's keys (``dataset``, ``model``, ``pretrained``,
+``task``, ``metrics``, ``language``), so tools reading CLIP_benchmark output read
+mmggem's, plus ``num_samples`` and ``skipped`` (samples left out, by reason) so a
+number is never shown without what it was computed on.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
+ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
+"""CLIP_benchmark's task names."""
+
+REQUIRED_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+OUTPUT_FIELDS = ("dataset", "model", "pretrained", "task", "language")
+"""Placeholders an output pattern may use, as CLIP_benchmark's ``--output``."""
+
+DEFAULT_RECALL_K = (1, 5, 10)
+"""The k of Recall@k reported for retrieval (CLIP papers' choice; CLIP_benchmark's --recall_k)."""
+
+DEFAULT_OUTPUT_PATTERN = "{dataset}_{pretrained}_{model}_{language}_{task}.json"
+"""CLIP_benchmark's default output file name."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The metrics of one model on one set, and what they were computed on."""
+
+    dataset: str
+    task: str
+    metrics: dict[str, float]
+    num_samples: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def record(self, *, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
+        """The CLIP_benchmark-schema record of this result."""
+        return {
+            "dataset": self.dataset,
+            "model": model,
+            "pretrained": pretrained,
+            "task": self.task,
+            "metrics": dict(self.metrics),
+            "language": language,
+            "num_samples": self.num_samples,
+            "skipped": dict(self.skipped),
+        }
+
+
+def output_path(pattern: str, record: dict[str, Any]) -> Path:
+    """Fill an output pattern's ``{dataset}``, ``{model}``, ``{pretrained}``, ``{task}``, ``{language}``.
+
+    ``pretrained`` is reduced to its base name when it is a path, as CLIP_benchmark does,
+    and ``/`` in any value becomes ``_`` so a value never makes a folder.
+    """
+    values = {name: str(record[name]) for name in OUTPUT_FIELDS}
+    values["pretrained"] = os.path.basename(values["pretrained"].rstrip("/")) or values["pretrained"]
+    try:
+        return Path(pattern.format(**{name: value.replace("/", "_") for name, value in values.items()}))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"output pattern {pattern!r} is not valid ({type(error).__name__}: {error}); "
+            f"placeholders: {', '.join('{' + name + '}' for name in OUTPUT_FIELDS)}"
+        ) from None
+
+
+def write_json(record: dict[str, Any], path: str | Path) -> Path:
+    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    _write_atomic(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """Read one result file; a clear error when it is not JSON or lacks a schema key."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON result file ({error})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ValueError(f"{path}: not a CLIP_benchmark result, missing {', '.join(missing)}")
+    if not isinstance(record["metrics"], dict):
+        raise ValueError(f"{path}: 'metrics' must be an object of metric name to value")
+    return record
+
+
+def format_table(records: Iterable[dict[str, Any]]) -> str:
+    """A plain-text table: one row per result, one column per metric (blank where a result lacks it)."""
+    records = list(records)
+    metrics = sorted({name for record in records for name in record["metrics"]})
+    header = ["dataset", "task", "samples", "skipped", *metrics]
+    rows = [
+        [
+            str(record["dataset"]),
+            str(record["task"]),
+            str(record.get("num_samples", "")),
+            str(sum(record.get("skipped", {}).values())),
+            *(_format_value(record["metrics"].get(name)) for name in metrics),
+        ]
+        for record in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def summary_rows(results_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per ``*.json`` result in ``results_dir`` (sorted by file name), metrics as columns.
+
+    Rows are flattened as CLIP_benchmark's ``build`` does, with ``model_fullname`` =
+    ``model + " " + pretrained``; ``skipped`` becomes the total count of skipped samples.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results folder not found: {results_dir}")
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        raise ValueError(f"{results_dir}: no *.json result files")
+    rows = []
+    for path in files:
+        record = read_result(path)
+        row = {key: value for key, value in record.items() if key != "metrics"}
+        row["skipped"] = sum(record.get("skipped", {}).values())
+        row["model_fullname"] = f"{record['model']} {record['pretrained']}"
+        row.update(record["metrics"])
+        rows.append(row)
+    return rows
+
+
+def write_summary_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write summary rows as CSV (schema columns first, then metrics sorted), atomically."""
+    leading = ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped", "model_fullname"]
+    leading = [name for name in leading if any(name in row for row in rows)]
+    rest = sorted({name for row in rows for name in row} - set(leading))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=leading + rest, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path)
+    _write_atomic(path, buffer.getvalue())
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

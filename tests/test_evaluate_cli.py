@@ -1,0 +1,98 @@
+"""`mmggem eval`: open_clip baselines through the same code, result files, the table, the summary CSV."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from mmggem.cli import main as cli_main
+from test_evaluate_parity import (
+    NAME, assert_same_metrics, classification_set, clip_benchmark_metrics, retrieval_set, spread_model,
+)
+
+
+@pytest.fixture(scope="module")
+def open_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, object, object]:
+    """A random open_clip ViT-Ti-4-28 saved as a plain state dict, and the model itself."""
+    torch.manual_seed(21)
+    model, _, preprocess = open_clip.create_model_and_transforms(NAME)
+    tokenizer = open_clip.get_tokenizer(NAME)
+    spread_model(model.eval(), tokenizer, 21)
+    path = tmp_path_factory.mktemp("open_clip") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path, model, preprocess, tokenizer
+
+
+def test_open_clip_checkpoint_with_default_settings_matches_clip_benchmark_defaults(
+    tmp_path: Path, open_clip_checkpoint: tuple, capsys: pytest.CaptureFixture
+) -> None:
+    weights, model, preprocess, tokenizer = open_clip_checkpoint
+    root = classification_set(tmp_path / "shapes", n=21, seed=21)
+    (tmp_path / "results").mkdir()
+    code = cli_main(["eval", "zeroshot", "--checkpoint", f"open_clip:{NAME}", "--pretrained", str(weights),
+                     "--dataset", str(root), "--output", str(tmp_path / "results"), "--batch-size", "8",
+                     "--num-workers", "1", "--quiet"])
+    assert code == 0
+    path = tmp_path / "results" / f"shapes_tiny.pt_{NAME}_en_zeroshot_classification.json"  # CLIP_benchmark's naming
+    record = json.loads(path.read_text())
+    assert list(record) == ["dataset", "model", "pretrained", "task", "metrics", "language", "num_samples", "skipped"]
+    assert (record["dataset"], record["model"], record["pretrained"]) == ("shapes", NAME, str(weights))
+    assert (record["task"], record["language"], record["num_samples"], record["skipped"]) == (
+        "zeroshot_classification", "en", 21, {})
+    # CLIP_benchmark's defaults: autocast on (bfloat16 on a CPU)
+    assert_same_metrics(record["metrics"], clip_benchmark_metrics(model, root, preprocess, tokenizer, batch_size=8,
+                                                                  amp=True))
+    out = capsys.readouterr().out
+    assert f"shapes: wrote {path}" in out
+    header, row = out.strip().splitlines()[-2:]
+    assert header.split() == ["dataset", "task", "samples", "skipped", "acc1", "acc5", "mean_per_class_recall"]
+    assert row.split() == ["shapes", "zeroshot_classification", "21", "0",
+                           *(f"{record['metrics'][k]:.4f}" for k in ("acc1", "acc5", "mean_per_class_recall"))]
+
+
+def test_retrieval_results_over_several_sets_and_their_summary_csv(
+    tmp_path: Path, open_clip_checkpoint: tuple, capsys: pytest.CaptureFixture
+) -> None:
+    weights, model, preprocess, tokenizer = open_clip_checkpoint
+    first, second = retrieval_set(tmp_path / "caps_a", n=9, seed=1), retrieval_set(tmp_path / "caps_b", n=7, seed=2)
+    pattern = str(tmp_path / "results" / "{dataset}-{model}-{task}.json")
+    code = cli_main(["eval", "retrieval", "--checkpoint", f"open_clip:{NAME}", "--pretrained", str(weights),
+                     "--dataset", str(first), str(second), "--output", pattern, "--recall-k", "1", "3",
+                     "--no-amp", "--num-workers", "0", "--quiet"])
+    assert code == 0
+    records = {}
+    for root in (first, second):
+        records[root.name] = json.loads((tmp_path / "results" / f"{root.name}-{NAME}-zeroshot_retrieval.json").read_text())
+        reference = clip_benchmark_metrics(model, root, preprocess, tokenizer, batch_size=64, amp=False,
+                                           recall_k=(1, 3))
+        assert_same_metrics(records[root.name]["metrics"], reference)
+    capsys.readouterr()
+
+    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "summary.csv")]) == 0
+    assert f"wrote {tmp_path / 'summary.csv'} (2 results)" in capsys.readouterr().out
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["dataset"] for row in rows] == ["caps_a", "caps_b"]
+    for row in rows:
+        record = records[row["dataset"]]
+        assert row["model_fullname"] == f"{NAME} {weights}" and row["skipped"] == "0"
+        assert {key: float(row[key]) for key in record["metrics"]} == record["metrics"]
+    assert list(rows[0])[:8] == ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped",
+                                 "model_fullname"]
+
+
+def test_summary_names_a_file_that_is_not_a_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "results").mkdir()
+    assert cli_main(["eval", "summary", str(tmp_path / "results")]) == 2
+    assert "no *.json result files" in capsys.readouterr().err
+    (tmp_path / "results" / "a.json").write_text(json.dumps({"dataset": "x", "metrics": {}}))
+    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 2
+    assert "a.json: not a CLIP_benchmark result, missing model, pretrained, task, language" in capsys.readouterr().err
+    (tmp_path / "results" / "a.json").write_text("{not json")
+    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 2
+    assert "a.json: not a JSON result file" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
