@@ -1,0 +1,41 @@
+#!/bin/bash
+# Multi-node mmggem training on SLURM, preemption- and time-limit-safe, requeueing itself.
+#
+#   sbatch --nodes 4 launch/slurm.sh configs/vit_b16_ggem_cc3m.yaml output_dir=/checkpoints/b16-ggem
+#
+# One task per GPU is started by srun itself (no torchrun in between), so each task's exit
+# code reaches this script: mmggem exits 75 when SIGUSR1 (sent 120 s before the time limit,
+# see --signal below), SIGTERM (preemption) or train.time_limit stopped it after writing a
+# checkpoint. The script then requeues the job, and the next start resumes from that
+# checkpoint (train.resume=latest is passed below).
+#SBATCH --job-name=mmggem
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=04:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+set -uo pipefail
+EXIT_REQUEUE=75
+
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=${MASTER_PORT:-29500}
+export WORLD_SIZE=$SLURM_NTASKS
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
+
+# Each task maps SLURM's ids onto torch's env:// variables, which accelerate reads.
+srun --kill-on-bad-exit=0 bash -c '
+  export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE
+  exec python -u -m mmggem.cli train "$@" train.resume=latest
+' mmggem "$@"
+status=$?
+
+if [ "$status" -eq "$EXIT_REQUEUE" ]; then
+  echo "mmggem stopped early with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

@@ -1,0 +1,255 @@
+"""Typed run configuration: a YAML file plus dotted ``key=value`` overrides.
+
+A file may start from another with ``base: other.yaml`` (a path relative to
+it) and set only what differs. Every key is declared in the dataclasses below, with its type and default. An
+unknown key, a value of the wrong type or an invalid value fails at start with
+a :class:`ConfigError` that names the key and what is allowed, so a typo never
+silently trains the wrong model for days.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .pooling import POOLER_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-Ti-4-28"
+    pooling: str = "ggem"
+    pooling_kwargs: dict = field(default_factory=dict)
+    pretrained: str = ""
+    text_tower: str = ""
+    final_ln_after_pool: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    num_samples: int | None = None
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-6
+    pool_p_lr_mult: float = 10.0
+    grad_clip: float | None = 1.0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    accum_steps: int = 1
+    loss: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = ""
+    stop_at_step: int | None = None
+    time_limit: str = ""
+    max_bad_steps: int = 5
+    threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    datasets: list = field(default_factory=list)
+    every: int = 0
+    batch_size: int = 256
+    workers: int = 1
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    wandb: Literal["off", "offline", "online"] = "off"
+    project: str = "mmggem"
+    run_name: str = ""
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``3h50m``, ``90m`` or ``45s``."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or not match:
+        raise ConfigError(f"train.time_limit: {text!r} is not a duration like '3h50m', '90m' or '45s'")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against ``annotation``; ints and numeric strings are accepted where floats are expected."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value in get_args(annotation):
+            return value
+    elif origin in (Union, types.UnionType):
+        for option in get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed under '{prefix.rstrip('.') or 'top level'}': "
+                          + ", ".join(sorted(hints)))
+    kwargs = {}
+    for name, annotation in hints.items():
+        if name not in values:
+            continue
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, values[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, values[name], annotation)
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> None:
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "train.accum_steps": cfg.train.accum_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
+                "train.keep_checkpoints": cfg.train.keep_checkpoints, "train.max_bad_steps": cfg.train.max_bad_steps,
+                "log.every": cfg.log.every, "eval.batch_size": cfg.eval.batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if cfg.model.pooling not in POOLER_NAMES:
+        raise ConfigError(f"model.pooling: {cfg.model.pooling!r} is not one of {', '.join(POOLER_NAMES)}")
+    if not cfg.data.train:
+        raise ConfigError("data.train: a shard pattern is required, e.g. /data/cc3m/{00000..00331}.tar")
+    if cfg.train.stop_at_step is not None and not 1 <= cfg.train.stop_at_step <= cfg.train.steps:
+        raise ConfigError(f"train.stop_at_step: must be between 1 and train.steps={cfg.train.steps}, "
+                          f"got {cfg.train.stop_at_step}")
+    if cfg.train.accum_steps > 1 and cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(f"train.accum_steps: {cfg.train.accum_steps} must divide train.batch_size "
+                          f"{cfg.train.batch_size}")
+    if cfg.train.time_limit:
+        parse_duration(cfg.train.time_limit)
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers, got {cfg.train.betas!r}")
+    if cfg.eval.every and not cfg.eval.datasets:
+        raise ConfigError("eval.every is set but eval.datasets is empty")
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.lr=1e-3)")
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain nested dicts (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in values.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config; a ``base: other.yaml`` key (relative to the file) is read first and overridden."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, and return the validated :class:`RunConfig`."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(values, override)
+    cfg = _build(RunConfig, values, "")
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

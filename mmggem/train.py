@@ -1,0 +1,316 @@
+"""The training loop: accelerate, all-process contrastive loss, exact resume.
+
+Read top to bottom: :func:`train` builds the pieces from the typed config,
+restores a checkpoint when asked, then runs :func:`train_step` until
+``train.steps`` (or an earlier stop, see :mod:`mmggem.stopping`), logging,
+checkpointing and evaluating on the way, and finally exports ``OUTPUT_DIR/final``
+in the format :func:`mmggem.load` reads.
+
+Batches: ``train.batch_size`` images per process and optimizer step, split into
+``train.accum_steps`` micro-batches that are each scored against the features of
+the whole step on every process (open_clip's ``--accum-freq`` scheme), so the
+accumulation changes memory use, not the loss.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import RunConfig, parse_duration, save_config, to_dict
+from .data.loader import TrainLoader
+from .evaluate import evaluate_dataset
+from .evaluate.results import EvalResult
+from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
+from .model import create_model, get_tokenizer, image_transform, save_model
+from .optim import build_optimizer, cosine_schedule
+from .stopping import EXIT_REQUEUE, StopControl
+from .tracking import RunLog, init_wandb
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or infinite loss."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint beside accelerate's state."""
+
+    step: int = 0
+    bad_steps: int = 0
+    bad_steps_in_a_row: int = 0
+    samples_seen: int = 0
+
+
+@dataclass
+class TrainOutcome:
+    """How a call of :func:`train` ended; ``exit_code`` is what the CLI returns."""
+
+    step: int
+    stopped_by: str | None = None
+    checkpoint: Path | None = None
+    final: Path | None = None
+    evaluations: list[EvalResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_REQUEUE if self.stopped_by in ("signal", "time_limit") else 0
+
+
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.precision,
+        log_with="wandb" if cfg.log.wandb != "off" else None,
+        project_dir=cfg.output_dir,
+        dynamo_backend="inductor" if cfg.model.compile else None,
+    )
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    overrides: dict[str, Any] = {"vision_cfg": {"final_ln_after_pool": cfg.model.final_ln_after_pool}}
+    if cfg.train.loss == "siglip":  # SigLIP's initial temperature and bias (Zhai et al. 2023, Sec. 3.2)
+        overrides.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    model = create_model(
+        cfg.model.name,
+        pooling=cfg.model.pooling,
+        pooling_kwargs=cfg.model.pooling_kwargs,
+        text_tower=cfg.model.text_tower or None,
+        pretrained=cfg.model.pretrained or None,
+        **overrides,
+    )
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
+def batches(loader: TrainLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches: epoch after epoch in epoch mode, one endless epoch when resampled."""
+    while True:
+        yield from loader
+
+
+def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Accelerator,
+               images: torch.Tensor, texts: torch.Tensor, accum_steps: int) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of one optimizer step's batch.
+
+    Returns the loss and whether it was finite on every process; when it was
+    not, no process runs backward, so all of them skip the step together.
+    """
+    if accum_steps == 1:
+        with accelerator.autocast():
+            loss = loss_fn(*model(images, texts))
+        finite = finite_everywhere(loss, accelerator)
+        if finite:
+            accelerator.backward(loss)
+        return loss.detach(), finite
+    image_chunks, text_chunks = images.chunk(accum_steps), texts.chunk(accum_steps)
+    with torch.no_grad(), accelerator.autocast():
+        cached = [model(i, t) for i, t in zip(image_chunks, text_chunks)]
+        cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
+        loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), *cached[-1][2:])
+    if not finite_everywhere(loss, accelerator):
+        return loss, False
+    for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
+        last = index == accum_steps - 1
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            image_features, text_features, *scalars = model(image_chunk, text_chunk)
+            micro_loss = micro_batch_loss(loss_fn, cached_images, cached_texts, index, image_features,
+                                          text_features, *scalars)
+        accelerator.backward(micro_loss)
+    return loss, True
+
+
+def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Whether ``loss`` is finite on every process (collective)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="max")
+    return not bool(bad.item())
+
+
+def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
+    """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor, or None."""
+    p = getattr(model.visual.pooler, "p", None)
+    return None if p is None else p.detach().float().clamp(min=1.0).reshape(-1).cpu()
+
+
+def step_metrics(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 accelerator: Accelerator) -> dict[str, float]:
+    """``train/...`` metrics of the current step, the loss averaged over processes."""
+    loss = accelerator.reduce(loss.detach().float().reshape(1).clone(), reduction="mean")
+    metrics = {
+        "train/loss": float(loss.item()),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/logit_scale": float(model.logit_scale.detach().exp().item()),
+    }
+    exponents = pool_exponents(model)
+    if exponents is not None:
+        metrics.update({f"train/pool_p/group_{g}": float(v) for g, v in enumerate(exponents)})
+    return metrics
+
+
+def skipped_samples(loader: TrainLoader, accelerator: Accelerator) -> int:
+    count = torch.tensor([sum(loader.skipped().values())], device=accelerator.device)
+    return int(accelerator.reduce(count, reduction="sum").item())
+
+
+def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelerator,
+                   tokenizer: Any, run_log: RunLog, step: int) -> list[EvalResult]:
+    """Evaluate on every set in ``eval.datasets``, sharded over all processes; log ``eval/<set>/<metric>``."""
+    unwrapped = accelerator.unwrap_model(model)
+    preprocess = image_transform(unwrapped, is_train=False)
+    results = [
+        evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
+                         num_workers=cfg.eval.workers, accelerator=accelerator, amp=cfg.train.precision != "no",
+                         progress=False)
+        for dataset in cfg.eval.datasets
+    ]
+    rows = [[r.dataset, metric, value] for r in results for metric, value in r.metrics.items()]
+    run_log.log({f"eval/{dataset}/{metric}": value for dataset, metric, value in rows}, step)
+    run_log.log_table("eval/table", rows, ["dataset", "metric", "value"], step)
+    return results
+
+
+def train(cfg: RunConfig) -> TrainOutcome:
+    """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it)."""
+    output_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    resume_from = resolve_resume(output_dir, cfg.train.resume)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed, device_specific=True)
+
+    model = build_model(cfg)
+    tokenizer = get_tokenizer(model)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
+                                cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
+    scheduler = cosine_schedule(optimizer, min(cfg.train.warmup_steps, cfg.train.steps - 1), cfg.train.steps,
+                                cfg.train.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
+
+    state, data_state = TrainState(), None
+    if resume_from is not None:
+        saved, data_state = load_checkpoint(accelerator, resume_from)
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    loader = TrainLoader(
+        cfg.data.train, transform=image_transform(accelerator.unwrap_model(model), is_train=True),
+        tokenizer=tokenizer, batch_size=cfg.train.batch_size, num_workers=cfg.data.workers,
+        seed=cfg.seed, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_samples=cfg.data.num_samples, state=data_state,
+    )
+    if cfg.log.wandb != "off":
+        init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
+    run_log = RunLog(accelerator, output_dir)
+    run_log.rewind(state.step)
+    stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
+    try:
+        with stop.catching_signals():
+            return _loop(cfg, accelerator, model, optimizer, scheduler, loss_fn, loader, tokenizer, run_log, stop,
+                         state)
+    finally:
+        run_log.finish()
+
+
+def _save(cfg: RunConfig, accelerator: Accelerator, state: TrainState, loader: TrainLoader) -> Path:
+    return save_checkpoint(accelerator, cfg.output_dir, state.step, vars(state), loader.state_dict(),
+                           cfg.train.keep_checkpoints)
+
+
+def _loop(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, loss_fn: torch.nn.Module, loader: TrainLoader, tokenizer: Any, run_log: RunLog,
+          stop: StopControl, state: TrainState) -> TrainOutcome:
+    unwrapped = accelerator.unwrap_model(model)
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
+                    disable=not (accelerator.is_main_process and cfg.log.progress))
+    data_iter = batches(loader)
+    model.train()
+    window_start, data_wait = time.perf_counter(), 0.0
+    outcome = TrainOutcome(step=state.step)
+    while state.step < cfg.train.steps:
+        fetch_start = time.perf_counter()
+        images, texts = next(data_iter)
+        data_wait += time.perf_counter() - fetch_start
+        images, texts = images.to(accelerator.device), texts.to(accelerator.device)
+
+        loss, finite = train_step(model, loss_fn, accelerator, images, texts, cfg.train.accum_steps)
+        if finite:
+            if cfg.train.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            state.bad_steps_in_a_row = 0
+        else:
+            state.bad_steps += 1
+            state.bad_steps_in_a_row += 1
+            if state.bad_steps_in_a_row >= cfg.train.max_bad_steps:
+                progress.close()
+                kept = list_checkpoints(cfg.output_dir)
+                raise TrainingDiverged(
+                    f"{state.bad_steps_in_a_row} steps in a row had a non-finite loss (last at step "
+                    f"{state.step + 1}); last good checkpoint: {kept[-1] if kept else 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        clamp_logit_scale_(unwrapped)
+        state.step += 1
+        state.samples_seen += global_batch
+        progress.update(1)
+
+        if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (state.step - 1) % cfg.log.every + 1
+            metrics = step_metrics(unwrapped, loss, optimizer, accelerator)
+            metrics.update({
+                "train/epoch": loader.state_dict().get("epoch", 0),
+                "train/bad_steps": state.bad_steps,
+                "perf/samples_per_s": steps_in_window * global_batch / max(elapsed, 1e-9),
+                "perf/data_wait_s": data_wait,
+                "data/skipped_samples": skipped_samples(loader, accelerator),
+            })
+            run_log.log(metrics, state.step)
+            exponents = pool_exponents(unwrapped)
+            if exponents is not None:
+                run_log.log_histogram("train/pool_p", exponents, state.step)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            window_start, data_wait = time.perf_counter(), 0.0
+        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+            run_evaluation(cfg, model, accelerator, tokenizer, run_log, state.step)
+            model.train()
+
+        stopped_by = stop.check(state.step, accelerator)
+        periodic = state.step % cfg.train.checkpoint_every == 0 and state.bad_steps_in_a_row == 0
+        if periodic or stopped_by or state.step == cfg.train.steps:
+            outcome.checkpoint = _save(cfg, accelerator, state, loader)
+        if stopped_by:
+            progress.close()
+            accelerator.print(f"stopped at step {state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
+            outcome.step, outcome.stopped_by = state.step, stopped_by
+            return outcome
+    progress.close()
+    outcome.step = state.step
+    if cfg.eval.datasets:
+        outcome.evaluations = run_evaluation(cfg, model, accelerator, tokenizer, run_log, state.step)
+    if accelerator.is_main_process:
+        outcome.final = save_model(unwrapped, Path(cfg.output_dir) / "final")
+    accelerator.wait_for_everyone()
+    accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
+    return outcome

@@ -1,0 +1,115 @@
+"""Shared fixtures: small real training shards and a way to run the CLI in real processes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def write_color_shards(folder: Path, shards: int = 4, per_shard: int = 40, size: int = 28, seed: int = 0) -> str:
+    """Shards of five colour classes in the img2dataset layout, with sizes.json; returns the brace pattern."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for shard in range(shards):
+        name = f"{shard:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for index in range(per_shard):
+                label = int(rng.integers(0, 5))
+                pixels = (rng.random((size, size, 3)) * 60 + label * 45).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                sink.write({"__key__": f"{shard:06d}{index:04d}", "png": buffer.getvalue(),
+                            "txt": f"a photo of colour {label}"})
+        sizes[name] = per_shard
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return str(folder / f"{{000000..{shards - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_color_shards(tmp_path_factory.mktemp("shards"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU-only child: one thread, no wandb network, no GPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "WANDB_SILENT": "true",
+           "CUDA_VISIBLE_DEVICES": "", **extra}
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mmggem.cli ARGS` in one real process."""
+    return subprocess.run([PYTHON, "-m", "mmggem.cli", *args], capture_output=True, text=True,
+                          env=cpu_env(), timeout=timeout)
+
+
+def accelerate_cli(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the CLI on a real multi-process gloo group on the CPU.
+
+    `--multi_gpu` with ACCELERATE_USE_CPU starts a real group; `--cpu --num_processes N`
+    would silently run a single process.
+    """
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "mmggem.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=timeout)
+
+
+def spawn_ranks(*args: str, processes: int = 2) -> list[subprocess.Popen]:
+    """Start one CLI process per rank with torch's env:// variables, as SLURM's srun does."""
+    port = str(free_port())
+    return [
+        subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                                LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
+                                                MASTER_PORT=port))
+        for rank in range(processes)
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mmggem demo` shortened to 25 steps: data, a trained model, results and evaluation JSON."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_cli("demo", "--output-dir", str(out), "train.steps=25", "train.warmup_steps=5",
+                     "log.progress=false", "log.every=5", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / "stdout.txt").write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_eval_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 200-image classification set and retrieval set from the demo's held-out split."""
+    from mmggem.data.demo import CLASSNAMES, _png, load_splits
+    from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
+
+    root = tmp_path_factory.mktemp("small_eval")
+    splits = load_splits()
+    images, labels = splits.test_images[::7][:200], splits.test_labels[::7][:200]
+    (root / "zeroshot").mkdir()
+    (root / "retrieval").mkdir()
+    write_classification_set(root / "zeroshot", (ClassSample(_png(i), int(l)) for i, l in zip(images, labels)),
+                             CLASSNAMES)
+    write_retrieval_set(root / "retrieval", (RetrievalSample(_png(i), [f"a photo of a {CLASSNAMES[l]}"])
+                                             for i, l in zip(images, labels)))
+    return root / "zeroshot", root / "retrieval"

@@ -1,0 +1,212 @@
+"""Training end to end, in real processes: exact resume, stops, signals, kills, logging."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import accelerate_cli, cpu_env, run_cli, spawn_ranks, PYTHON
+from safetensors.torch import load_file
+
+import mmggem
+from mmggem.stopping import EXIT_REQUEUE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_args(shards: str, output_dir: Path, *overrides: str) -> list[str]:
+    return ["train", str(ROOT / "configs" / "demo.yaml"), f"output_dir={output_dir}", f"data.train={shards}",
+            "train.batch_size=8", "train.steps=8", "train.warmup_steps=2", "train.checkpoint_every=100",
+            "log.every=1", "log.progress=false", "data.workers=1", "data.shuffle_buffer=40", "train.threads=1",
+            *overrides]
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "results.jsonl").read_text().splitlines()
+    return [json.loads(line)["train/loss"] for line in lines if "train/loss" in json.loads(line)]
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "final" / "open_clip_model.safetensors"))
+
+
+def assert_same_run(first: Path, second: Path, atol: float = 1e-5) -> None:
+    assert len(losses(first)) == len(losses(second))
+    torch.testing.assert_close(torch.tensor(losses(second)), torch.tensor(losses(first)), rtol=0, atol=atol)
+    a, b = final_weights(first), final_weights(second)
+    assert a.keys() == b.keys()
+    assert max((a[key] - b[key]).abs().max().item() for key in a) <= atol
+
+
+def ok(result: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_one_process_run_logs_checkpoints_and_exports(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = ok(run_cli(*train_args(train_shards, out, "train.checkpoint_every=3", "train.keep_checkpoints=2")))
+    assert f"model saved to {out / 'final'}" in result.stdout
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("train/loss", "train/lr", "train/logit_scale", "perf/samples_per_s", "perf/data_wait_s",
+                "data/skipped_samples", *(f"train/pool_p/group_{g}" for g in range(6))):
+        assert all(key in r for r in records), key
+    assert records[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+    assert (out / "config.yaml").read_text().count("pooling: ggem") == 1
+    model, _, tokenizer = mmggem.load(out / "final")
+    assert model.encode_text(tokenizer(["a photo of colour 2"])).shape == (1, 128)
+
+
+def test_stop_at_step_then_resume_equals_one_run(train_shards: str, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "whole")))
+    split = tmp_path / "split"
+    stopped = ok(run_cli(*train_args(train_shards, split, "train.stop_at_step=4")))
+    assert "stopped at step 4 (stop_at_step)" in stopped.stdout
+    assert not (split / "final").exists() and len(losses(split)) == 4
+    ok(run_cli(*train_args(train_shards, split, "train.resume=latest")))
+    assert_same_run(tmp_path / "whole", split)
+
+
+def test_two_processes_stop_and_resume_equal_one_run(train_shards: str, tmp_path: Path) -> None:
+    ok(accelerate_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=6")))
+    split = tmp_path / "split"
+    ok(accelerate_cli(*train_args(train_shards, split, "train.steps=6", "train.stop_at_step=3")))
+    ok(accelerate_cli(*train_args(train_shards, split, "train.steps=6", "train.resume=latest")))
+    assert_same_run(tmp_path / "whole", split)
+    state = json.loads((split / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 6 * 8 * 2
+
+
+def test_accumulation_scores_against_the_whole_step(train_shards: str, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "plain", "train.steps=4", "data.workers=0")))
+    ok(run_cli(*train_args(train_shards, tmp_path / "accum", "train.steps=4", "data.workers=0",
+                           "train.accum_steps=2")))
+    assert_same_run(tmp_path / "plain", tmp_path / "accum", atol=2e-5)
+
+
+def wait_for_steps(output_dir: Path, steps: int, processes: list[subprocess.Popen]) -> None:
+    results = output_dir / "results.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if results.is_file() and len(results.read_text().splitlines()) >= steps:
+            return
+        assert all(p.poll() is None for p in processes), "training ended before it was signalled"
+        time.sleep(0.05)
+    raise AssertionError(f"{results} did not reach {steps} steps")
+
+
+def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=40")))
+    out = tmp_path / "signalled"
+    args = train_args(train_shards, out, "train.steps=40")
+    process = subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], env=cpu_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(out, 3, [process])
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_REQUEUE, output[-2000:]
+    stopped_at = len(losses(out))
+    assert 3 <= stopped_at < 40 and f"stopped at step {stopped_at} (signal)" in output
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
+    ok(run_cli(*train_args(train_shards, out, "train.steps=40", "train.resume=latest")))
+    assert_same_run(tmp_path / "whole", out)
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(train_shards: str, tmp_path: Path) -> None:
+    args = lambda out, *more: train_args(train_shards, out, "train.steps=30", *more)  # noqa: E731
+    whole = spawn_ranks(*args(tmp_path / "whole"))
+    assert [p.wait(timeout=300) for p in whole] == [0, 0], whole[0].stdout.read()[-2000:]
+    out = tmp_path / "signalled"
+    ranks = spawn_ranks(*args(out))
+    wait_for_steps(out, 3, ranks)
+    ranks[1].send_signal(signal.SIGUSR1)
+    codes = [p.wait(timeout=120) for p in ranks]
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], ranks[0].stdout.read()[-2000:]
+    stopped_at = len(losses(out))
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+    resumed = spawn_ranks(*args(out, "train.resume=latest"))
+    assert [p.wait(timeout=300) for p in resumed] == [0, 0]
+    assert_same_run(tmp_path / "whole", out)
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(train_shards: str, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=30")))
+    out = tmp_path / "killed"
+    args = train_args(train_shards, out, "train.steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    process = subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], env=cpu_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoints = out / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and len(list(checkpoints.glob("step_*"))) >= 2
+               and list(checkpoints.glob(".step_*.partial"))):
+        assert process.poll() is None and time.monotonic() < deadline
+    process.kill()
+    process.wait()
+    complete = sorted(checkpoints.glob("step_*"))
+    assert complete and all((c / "trainer_state.json").is_file() for c in complete)
+    ok(run_cli(*train_args(train_shards, out, "train.steps=30", "train.checkpoint_every=1",
+                           "train.resume=latest")))
+    assert_same_run(tmp_path / "whole", out)
+
+
+def test_time_limit_checkpoints_and_exits_for_requeue(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "limited"
+    result = run_cli(*train_args(train_shards, out, "train.steps=100000", "train.time_limit=1s"))
+    assert result.returncode == EXIT_REQUEUE and "(time_limit)" in result.stdout
+    step = len(losses(out))
+    assert (out / "checkpoints" / f"step_{step:08d}").is_dir() and step < 100000
+
+
+def test_existing_run_is_never_overwritten(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(*train_args(train_shards, out, "train.steps=2")))
+    again = run_cli(*train_args(train_shards, out, "train.steps=2"))
+    assert again.returncode == 1 and "set train.resume=latest" in again.stderr
+
+
+def test_config_errors_fail_before_training(train_shards: str, tmp_path: Path) -> None:
+    result = run_cli(*train_args(train_shards, tmp_path / "x", "train.optimiser=sgd"))
+    assert result.returncode == 2 and "unknown key train.optimiser" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_wandb_offline_needs_no_network(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(*train_args(train_shards, out, "train.steps=3", "log.wandb=offline")))
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (out / "wandb_run_id").is_file() and len(losses(out)) == 3
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmggem import train as trainer
+    from mmggem.config import load_config
+
+    real_build_loss = trainer.build_loss
+    calls = {"n": 0}
+
+    def flaky_loss(name: str, **kwargs):  # steps 3 and 5.. produce NaN
+        loss = real_build_loss(name, **kwargs)
+
+        def forward(*args):
+            calls["n"] += 1
+            value = loss(*args)
+            return value * float("nan") if calls["n"] == 3 or calls["n"] >= 5 else value
+        return forward
+
+    monkeypatch.setattr(trainer, "build_loss", flaky_loss)
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", train_args(train_shards, out, "train.steps=20",
+                                                                 "train.checkpoint_every=2",
+                                                                 "train.max_bad_steps=3", "data.workers=0")[2:])
+    with pytest.raises(trainer.TrainingDiverged, match=r"3 steps in a row .* last good checkpoint: .*step_00000004"):
+        trainer.train(cfg)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["train/bad_steps"] for r in records] == [0, 0, 1, 1, 2, 3][: len(records)]
+    assert (out / "checkpoints" / "step_00000004").is_dir()
