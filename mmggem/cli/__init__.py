@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .. import __version__
 
-SUBCOMMANDS: tuple[str, ...] = ()
+SUBCOMMANDS = ("data", "train", "evaluate", "demo", "ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mmggem` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`ablate CONFIG --seeds 3 train.lr=1e-3`), which
+    # argparse cannot intermix with a nargs="*" positional; they are collected here instead.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -1,0 +1,39 @@
+"""`mmggem demo [--output-dir DIR]`: build data, train a tiny GGeM CLIP, evaluate, print a table."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train and evaluate a tiny GGeM CLIP on the embedded Fashion-MNIST subset",
+        description="Build the demo shards, train the tiny GGeM CLIP of mmggem/recipes/demo.yaml, evaluate "
+                    "zero-shot classification and retrieval on the held-out split and print a table. "
+                    "Without --output-dir the run is made in a temporary folder and removed.",
+    )
+    parser.add_argument("--output-dir", type=Path, help="keep the run here (data, checkpoints, results.jsonl, "
+                                                        "final model, evaluation JSON); a re-run reuses the data")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo recipe")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from ..demo import run_demo
+
+    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="mmggem-demo-"))
+    try:
+        outcome = run_demo(output_dir, args.overrides)
+    except ConfigError as error:
+        print(f"mmggem demo: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if args.output_dir is None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+            print(f"removed the temporary run {output_dir} (keep it with --output-dir)")
+    return outcome.training.exit_code

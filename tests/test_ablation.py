@@ -1,0 +1,39 @@
+"""`mmggem ablate`: every pooling x seed trained, evaluated and tabulated."""
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eval_sets: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    zeroshot, retrieval = small_eval_sets
+    out = tmp_path / "ablation"
+    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,ggem", "--seeds", "2",
+                     "--output-dir", str(out), "--parallel", "2",
+                     f"data.train={train_shards}", f"eval.datasets=[{zeroshot}, {retrieval}]",
+                     "train.steps=3", "train.batch_size=16", "train.warmup_steps=1", "data.workers=0",
+                     "train.threads=1", "eval.batch_size=500", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "ablation.csv")))
+    assert {(r["pooling"], r["metric"]) for r in rows} == {
+        (p, m) for p in ("avg", "ggem")
+        for m in ("zeroshot/acc1", "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@1")}
+    for row in rows:
+        runs = [out / row["pooling"] / f"seed_{s}" / "results.jsonl" for s in (0, 1)]
+        values = [json.loads(p.read_text().splitlines()[-1])[f"eval/{row['metric']}"] for p in runs]
+        assert abs(float(row["mean"]) - statistics.fmean(values)) < 1e-6
+        assert abs(float(row["std"]) - statistics.stdev(values)) < 1e-6 and row["seeds"] == "2"
+    assert "| ggem |" in (out / "ablation.md").read_text()
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "seed: 1\n" in (out / "ggem" / "seed_1" / "config.yaml").read_text()
+
+
+def test_ablation_refuses_unknown_poolings(tmp_path: Path) -> None:
+    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,median",
+                     "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "median" in result.stderr
