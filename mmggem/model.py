@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .fileio import atomic_directory
 from .pooling import build_pooler
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -248,33 +247,14 @@ def _save_text_tower(model: nn.Module, folder: Path, config: dict[str, Any]) -> 
 def save_model(model: nn.Module, path: str | Path) -> Path:
     """Write ``model`` to the folder ``path`` (replaced atomically if it exists) and return it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = _spec_json(model)
-    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with atomic_directory(path, overwrite=True) as staging:
         if "hf_model_name" in config["model_cfg"]["text_cfg"]:
             _save_text_tower(model, staging, config)
         state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        _replace_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move a complete folder into place; an old one at ``target`` is removed only after."""
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        target.rename(retired)
-        staging.rename(target)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(target)
 
 
 def read_spec(path: str | Path) -> ModelSpec:

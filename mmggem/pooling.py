@@ -24,7 +24,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 POOLER_NAMES = ("cls", "avg", "max", "gem", "ggem", "attn")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from .fileio import write_text_atomic
+
 RESULTS_FILE = "results.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 log = logging.getLogger(__name__)
@@ -61,9 +63,7 @@ class RunLog:
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        staging = self.path.with_suffix(".jsonl.partial")
-        staging.write_text("".join(kept))
-        staging.replace(self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.accelerator.is_main_process:

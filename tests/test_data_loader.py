@@ -219,7 +219,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path: Path) -> None
 
 def shards_with_bad_samples(directory: Path) -> str:
     """Four shards of uneven size with bad samples mixed in: positions must count them."""
-    paths = caption_shards(directory, [9, 5, 12, 7])
+    caption_shards(directory, [9, 5, 12, 7])
     bad, _, _ = bad_and_odd_samples()
     write_tar(directory / "00004.tar", bad[:5] + [{"__key__": "x", "png": image_bytes(noise(99)), "txt": "sample 99"}])
     sizes = json.loads((directory / "sizes.json").read_text())

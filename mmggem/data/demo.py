@@ -41,8 +41,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_directory
 from .write import (
-    ClassSample, EncodedImage, RetrievalSample, TrainingSample, WriteReport, atomic_directory, progress_bar,
+    ClassSample, EncodedImage, RetrievalSample, TrainingSample, WriteReport, progress_bar,
     write_classification_set, write_retrieval_set, write_training_shards,
 )
 

@@ -20,11 +20,7 @@ import csv
 import io
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -33,6 +29,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..fileio import atomic_directory
 from . import formats
 
 CAPTION_FILE_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
@@ -109,37 +106,6 @@ class WriteReport:
 
 class ImageError(ValueError):
     """An input image that cannot be stored; the message is the skip reason."""
-
-
-# --- output directories ------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` when the block finishes without error.
-
-    Refuses a non-empty ``out`` unless ``overwrite``; the old content is removed only after the
-    new directory is in place. On error the temporary directory is removed and ``out`` is untouched.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose an empty or new directory, or overwrite (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 class _Shards:

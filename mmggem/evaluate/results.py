@@ -12,10 +12,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..fileio import write_text_atomic
 
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
 ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
@@ -76,7 +77,7 @@ def output_path(pattern: str, record: dict[str, Any]) -> Path:
 def write_json(record: dict[str, Any], path: str | Path) -> Path:
     """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
     path = Path(path)
-    _write_atomic(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -155,17 +156,5 @@ def write_summary_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(path)
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
