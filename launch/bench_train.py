@@ -11,12 +11,16 @@ out. open_clip_train needs webdataset 0.2.86 and pandas, so it runs under ``--pe
 own virtual environment, see shared docs/peers.md); mmggem's model JSON is registered with it
 first.
 
-It then measures the step-time overhead of pooling ``ggem`` over ``avg`` twice: from two more
-`mmggem train` runs (same settings), and, less exposed to other load on the machine, by timing
+It then measures the step-time overhead of pooling ``ggem`` over ``avg`` three ways: from
+``--repeats`` more pairs of `mmggem train` runs (same settings); less exposed to other load on the machine, by timing
 mmggem's own training step (``mmggem.train.train_step`` plus clipping and the optimizer step) on
-one fixed batch for the two poolings in alternation (ABBA order) in this process.
+one fixed batch for the two poolings in alternation (ABBA order) in this process, reported as the
+median of the paired ratios with a bootstrap 95% interval; and by timing the two poolers' own
+forward and backward on tokens of the model's shape, which bounds what pooling can add (eager,
+and under torch.compile, which fuses GGeM's elementwise passes). ``--pooling-only`` runs this part alone.
 
     python launch/bench_train.py --peer-python /work/peers-venv/bin/python
+    python launch/bench_train.py --pooling-only --workers 0
     python launch/bench_train.py --peer-python ... --shards 'DIR/{00000..00009}.tar' --repeats 2
 
 Without ``--shards`` it first writes synthetic shards (JPEG images of the model's input size, short captions) with
@@ -28,6 +32,7 @@ import argparse
 import io
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -69,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each trainer")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers of each trainer")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per trainer; the best is kept")
-    parser.add_argument("--pairs", type=int, default=20, help="ABBA step pairs of the in-process ggem/avg timing")
+    parser.add_argument("--pooling-only", action="store_true",
+                        help="only the ggem/avg overhead, without the open_clip_train comparison")
+    parser.add_argument("--pairs", type=int, default=60, help="ABBA step pairs of the in-process ggem/avg timing")
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.steps - args.log_every:
         parser.error(f"--warmup must be in 1..{args.steps - args.log_every - 1} so that a window is timed")
@@ -264,6 +271,41 @@ def paired_step_times(args: argparse.Namespace, work: Path, poolings: tuple[str,
     return times
 
 
+def pooler_times(args: argparse.Namespace, repeats: int = 200) -> dict[str, float]:
+    """Median seconds of the poolers' forward and backward on the patch tokens of one batch of ``--model``.
+
+    Times ``avg``, ``ggem`` and ``ggem`` under torch.compile (which fuses GGeM's dozen elementwise
+    passes; what ``model.compile=true`` does for the whole model).
+    """
+    import torch
+
+    from mmggem import create_model
+
+    torch.set_num_threads(args.threads)
+    tower = create_model(args.model).visual
+    tokens, width = tower.grid_size[0] * tower.grid_size[1], tower.positional_embedding.shape[-1]
+    x = torch.randn(args.batch_size, tokens, width, requires_grad=True)
+    ggem = create_model(args.model, pooling="ggem").visual.pooler
+    poolers = {"avg": create_model(args.model, pooling="avg").visual.pooler, "ggem": ggem,
+               "ggem-compiled": torch.compile(ggem)}
+    medians = {}
+    for name, pooler in poolers.items():
+        times = []
+        for _ in range(repeats + 10):  # the first ten (and torch.compile's compilation) are left out
+            start = time.perf_counter()
+            pooler(x).sum().backward()
+            times.append(time.perf_counter() - start)
+        medians[name] = statistics.median(times[10:])
+    return medians
+
+
+def median_with_interval(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of ``values`` and a bootstrap 95% interval of it (seeded, so reruns print the same)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -304,11 +346,13 @@ def main(argv: list[str] | None = None) -> None:
                              f"{args.batch_size} need {args.steps * args.batch_size} in one epoch")
         print(f"load average before: {load_average()} on {os.cpu_count()} CPUs", flush=True)
 
-        print("mmggem (pooling cls) against open_clip_train:", flush=True)
-        trainers = alternate(args, work, {
-            "mmggem": lambda d: run_mmggem(args, d, "cls"),
-            "open_clip_train": lambda d: run_open_clip(args, d),
-        }, "trainers")
+        trainers = {}
+        if not args.pooling_only:
+            print("mmggem (pooling cls) against open_clip_train:", flush=True)
+            trainers = alternate(args, work, {
+                "mmggem": lambda d: run_mmggem(args, d, "cls"),
+                "open_clip_train": lambda d: run_open_clip(args, d),
+            }, "trainers")
         print("mmggem, pooling avg against ggem:", flush=True)
         poolings = alternate(args, work, {
             "mmggem-avg": lambda d: run_mmggem(args, d, "avg"),
@@ -316,23 +360,32 @@ def main(argv: list[str] | None = None) -> None:
         }, "pooling")
         print(f"in-process step timing, {args.pairs} ABBA pairs:", flush=True)
         paired = paired_step_times(args, work, ("avg", "ggem"), args.pairs)
+        print("pooler forward and backward:", flush=True)
+        pooler = pooler_times(args)
 
     ratios = [g / a for g, a in zip(paired["ggem"], paired["avg"])]
     print(f"\n{args.model}, batch {args.batch_size}, fp32, {args.threads} threads, {args.workers} worker(s), "
           f"{args.steps} steps, steady state over steps {args.warmup + 1}..{args.steps}, best of {args.repeats}; "
           f"shards {args.shards}; load average after: {load_average()}")
     best = {name: max(rates) for name, rates in {**trainers, **poolings}.items()}
-    print(f"mmggem train (cls):        {describe(trainers['mmggem'])}")
-    print(f"open_clip_train (cls):     {describe(trainers['open_clip_train'])}")
-    print(f"ratio mmggem / open_clip:  {best['mmggem'] / best['open_clip_train']:8.3f}")
+    if trainers:
+        print(f"mmggem train (cls):        {describe(trainers['mmggem'])}")
+        print(f"open_clip_train (cls):     {describe(trainers['open_clip_train'])}")
+        print(f"ratio mmggem / open_clip:  {best['mmggem'] / best['open_clip_train']:8.3f}")
     print(f"mmggem train (avg):        {describe(poolings['mmggem-avg'])}")
     print(f"mmggem train (ggem):       {describe(poolings['mmggem-ggem'])}")
+    mean = {name: statistics.mean(rates) for name, rates in poolings.items()}
     print(f"ggem step-time overhead, trainer runs: {100 * (best['mmggem-avg'] / best['mmggem-ggem'] - 1):+.2f}% "
-          "(best against best; compare with the spread of the runs)")
+          f"best against best, {100 * (mean['mmggem-avg'] / mean['mmggem-ggem'] - 1):+.2f}% mean against mean")
     print(f"training step avg / ggem:  {1e3 * statistics.median(paired['avg']):8.1f} / "
           f"{1e3 * statistics.median(paired['ggem']):.1f} ms (median)")
-    print(f"ggem step-time overhead, paired steps: {100 * (statistics.median(ratios) - 1):+.2f}% "
-          f"(median of {len(ratios)} ABBA-paired ratios)")
+    ratio, low, high = median_with_interval(ratios)
+    print(f"ggem step-time overhead, paired steps: {100 * (ratio - 1):+.2f}% "
+          f"(median of {len(ratios)} ABBA-paired ratios; 95% interval {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
+    extra = pooler["ggem"] - pooler["avg"]
+    print(f"pooler forward+backward avg / ggem / ggem compiled: {1e3 * pooler['avg']:.2f} / {1e3 * pooler['ggem']:.2f} "
+          f"/ {1e3 * pooler['ggem-compiled']:.2f} ms (median); eager ggem adds {1e3 * extra:.2f} ms = "
+          f"{100 * extra / statistics.median(paired['avg']):.2f}% of the avg step")
 
 
 if __name__ == "__main__":
