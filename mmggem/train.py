@@ -139,6 +139,11 @@ def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
     return not bool(bad.item())
 
 
+def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without accelerate's wrappers, torch.compile's included, so its state_dict keys are plain."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
     """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor, or None."""
     p = getattr(model.visual.pooler, "p", None)
@@ -168,7 +173,7 @@ def skipped_samples(loader: TrainLoader, accelerator: Accelerator) -> int:
 def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelerator,
                    tokenizer: Any, run_log: RunLog, step: int) -> list[EvalResult]:
     """Evaluate on every set in ``eval.datasets``, sharded over all processes; log ``eval/<set>/<metric>``."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = plain_model(accelerator, model)
     preprocess = image_transform(unwrapped, is_train=False)
     results = [
         evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
@@ -212,7 +217,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     loader = TrainLoader(
-        cfg.data.train, transform=image_transform(accelerator.unwrap_model(model), is_train=True),
+        cfg.data.train, transform=image_transform(plain_model(accelerator, model), is_train=True),
         tokenizer=tokenizer, batch_size=cfg.train.batch_size, num_workers=cfg.data.workers,
         seed=cfg.seed, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -239,7 +244,7 @@ def _save(cfg: RunConfig, accelerator: Accelerator, state: TrainState, loader: T
 def _loop(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, loss_fn: torch.nn.Module, loader: TrainLoader, tokenizer: Any, run_log: RunLog,
           stop: StopControl, state: TrainState) -> TrainOutcome:
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = plain_model(accelerator, model)
     global_batch = cfg.train.batch_size * accelerator.num_processes
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                     disable=not (accelerator.is_main_process and cfg.log.progress))

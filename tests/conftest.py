@@ -56,10 +56,10 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m mmggem.cli ARGS` in one real process."""
+def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m mmggem.cli ARGS` in one real process; ``env`` adds environment variables."""
     return subprocess.run([PYTHON, "-m", "mmggem.cli", *args], capture_output=True, text=True,
-                          env=cpu_env(), timeout=timeout)
+                          env=cpu_env(**env), timeout=timeout)
 
 
 def accelerate_cli(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -90,6 +90,17 @@ def test_accumulation_scores_against_the_whole_step(train_shards: str, tmp_path:
     assert_same_run(tmp_path / "plain", tmp_path / "accum", atol=2e-5)
 
 
+def test_compiled_model_trains_like_eager(train_shards: str, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "eager", "train.steps=3", "data.workers=0")))
+    inductor_cache = tmp_path / "inductor"
+    compiled = train_args(train_shards, tmp_path / "compiled", "train.steps=3", "data.workers=0", "model.compile=true")
+    ok(run_cli(*compiled, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache)))
+    assert any(path.is_file() for path in inductor_cache.rglob("*")), "model.compile=true compiled nothing"
+    assert_same_run(tmp_path / "eager", tmp_path / "compiled", atol=1e-4)
+    model, _, _ = mmggem.load(tmp_path / "compiled" / "final")
+    assert type(model.visual.pooler).__name__ == "GGeM"
+
+
 def wait_for_steps(output_dir: Path, steps: int, processes: list[subprocess.Popen]) -> None:
     results = output_dir / "results.jsonl"
     deadline = time.monotonic() + 240

@@ -87,7 +87,7 @@ def evaluate_dataset(
         progress=progress,
     )
     name = name or evalset.name
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
     was_training = module.training
     module.eval()
     try:
