@@ -336,6 +336,31 @@ def _encoded(images: Path, name: str, skipped: list[Skipped]) -> EncodedImage | 
         return None
 
 
+def _captioned_images(images: Path, captions: str | os.PathLike, file_column: str, caption_column: str,
+                      report: WriteReport, progress: bool) -> Iterator[tuple[str, EncodedImage, list[str]]]:
+    """(file name, encoded image, its captions) per readable image of a caption file; the rest go to report.skipped.
+
+    The caption file is read and checked now, before anything is written; the images as they are iterated.
+    """
+    grouped = _group_captions(read_caption_rows(captions, file_column, caption_column), images, report.skipped)
+
+    def encoded() -> Iterator[tuple[str, EncodedImage, list[str]]]:
+        for name in progress_bar(list(grouped), report.kind, len(grouped), progress):
+            image = _encoded(images, name, report.skipped)
+            if image is not None:
+                yield name, image, grouped[name]
+
+    return encoded()
+
+
+def _write_atomically(report: WriteReport, overwrite: bool, write: Callable[[Path], dict[str, int]]) -> WriteReport:
+    """Run ``write`` on a staging folder that becomes ``report.out`` only when complete; count what it wrote."""
+    with atomic_directory(report.out, overwrite) as tmp:
+        counts = write(tmp)
+    report.samples, report.shards = sum(counts.values()), len(counts)
+    return report
+
+
 # --- builders (one per CLI command) ------------------------------------------------------------
 
 
@@ -353,18 +378,9 @@ def build_caption_shards(
     """Training shards (+ sizes.json) from a folder of images and a caption file; one sample per caption row."""
     images = _require_dir(images)
     report = WriteReport(Path(out), "training shards")
-    grouped = _group_captions(read_caption_rows(captions, file_column, caption_column), images, report.skipped)
-
-    def samples() -> Iterator[TrainingSample]:
-        for name in progress_bar(list(grouped), "training shards", len(grouped), progress):
-            image = _encoded(images, name, report.skipped)
-            for caption in grouped[name] if image else []:
-                yield TrainingSample(image, caption, {"file": name})
-
-    with atomic_directory(out, overwrite) as tmp:
-        counts = write_training_shards(tmp, samples(), samples_per_shard)
-    report.samples, report.shards = sum(counts.values()), len(counts)
-    return report
+    captioned = _captioned_images(images, captions, file_column, caption_column, report, progress)
+    samples = (TrainingSample(image, caption, {"file": name}) for name, image, texts in captioned for caption in texts)
+    return _write_atomically(report, overwrite, lambda tmp: write_training_shards(tmp, samples, samples_per_shard))
 
 
 def class_folders(images: Path) -> list[tuple[str, Path]]:
@@ -407,10 +423,9 @@ def build_classification_set(
             if image is not None:
                 yield ClassSample(image, label)
 
-    with atomic_directory(out, overwrite) as tmp:
-        counts = write_classification_set(tmp, samples(), [name for name, _ in classes], templates, samples_per_shard)
-    report.samples, report.shards = sum(counts.values()), len(counts)
-    return report
+    names = [name for name, _ in classes]
+    return _write_atomically(report, overwrite,
+                             lambda tmp: write_classification_set(tmp, samples(), names, templates, samples_per_shard))
 
 
 def build_retrieval_set(
@@ -427,15 +442,6 @@ def build_retrieval_set(
     """A CLIP_benchmark retrieval set: one sample per image with all its captions (rows sharing a file name)."""
     images = _require_dir(images)
     report = WriteReport(Path(out), "retrieval set")
-    grouped = _group_captions(read_caption_rows(captions, file_column, caption_column), images, report.skipped)
-
-    def samples() -> Iterator[RetrievalSample]:
-        for name in progress_bar(list(grouped), "retrieval set", len(grouped), progress):
-            image = _encoded(images, name, report.skipped)
-            if image is not None:
-                yield RetrievalSample(image, grouped[name])
-
-    with atomic_directory(out, overwrite) as tmp:
-        counts = write_retrieval_set(tmp, samples(), samples_per_shard)
-    report.samples, report.shards = sum(counts.values()), len(counts)
-    return report
+    captioned = _captioned_images(images, captions, file_column, caption_column, report, progress)
+    samples = (RetrievalSample(image, texts) for _, image, texts in captioned)
+    return _write_atomically(report, overwrite, lambda tmp: write_retrieval_set(tmp, samples, samples_per_shard))
