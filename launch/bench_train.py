@@ -282,12 +282,11 @@ def pooler_times(args: argparse.Namespace, repeats: int = 200) -> dict[str, floa
     from mmggem import create_model
 
     torch.set_num_threads(args.threads)
-    tower = create_model(args.model).visual
+    tower = create_model(args.model, pooling="ggem").visual
     tokens, width = tower.grid_size[0] * tower.grid_size[1], tower.positional_embedding.shape[-1]
     x = torch.randn(args.batch_size, tokens, width, requires_grad=True)
-    ggem = create_model(args.model, pooling="ggem").visual.pooler
-    poolers = {"avg": create_model(args.model, pooling="avg").visual.pooler, "ggem": ggem,
-               "ggem-compiled": torch.compile(ggem)}
+    poolers = {"avg": create_model(args.model, pooling="avg").visual.pooler, "ggem": tower.pooler,
+               "ggem-compiled": torch.compile(tower.pooler)}
     medians = {}
     for name, pooler in poolers.items():
         times = []
