@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{1e3 * statistics.median(paired['ggem']):.1f} ms (median)")
     ratio, low, high = median_with_interval(ratios)
     print(f"ggem step-time overhead, paired steps: {100 * (ratio - 1):+.2f}% "
-          f"(median of {len(ratios)} ABBA-paired ratios; 95% interval {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
+          f"(median of {len(ratios)} ABBA-paired ratios; "
+          f"95% interval {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
     extra = pooler["ggem"] - pooler["avg"]
     print(f"pooler forward+backward avg / ggem / ggem compiled: {1e3 * pooler['avg']:.2f} / {1e3 * pooler['ggem']:.2f} "
           f"/ {1e3 * pooler['ggem-compiled']:.2f} ms (median); eager ggem adds {1e3 * extra:.2f} ms = "
