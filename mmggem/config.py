@@ -5,10 +5,18 @@ it) and set only what differs. Every key is declared in the dataclasses below, w
 unknown key, a value of the wrong type or an invalid value fails at start with
 a :class:`ConfigError` that names the key and what is allowed, so a typo never
 silently trains the wrong model for days.
+
+Values are read as YAML, in a file and on the command line alike, but the key's
+declared type decides what an unquoted word means: YAML 1.1 reads ``off``,
+``no``, ``on``, ``yes``, ``y``, dates and numbers as booleans, dates and
+numbers, so a string option (``log.wandb=off``, ``train.precision=no``,
+``log.run_name=2024-01-01``) keeps the text as typed, and an optional number
+also takes ``none`` for None besides YAML's ``null`` and ``~``.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import types
 from dataclasses import dataclass, field
@@ -118,12 +126,69 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+@dataclass(frozen=True)
+class _Plain:
+    """An unquoted YAML scalar that YAML reads as something other than a string.
+
+    ``text`` is what the user typed, ``value`` YAML's reading of it (``off`` -> False,
+    ``2024-01-01`` -> a date, ``null`` -> None). Which one is meant is decided by the
+    type of the key it is given to (see :func:`_coerce`), not by YAML.
+    """
+
+    text: str
+    value: Any
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that keeps the typed text of every unquoted non-string scalar as a :class:`_Plain`."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        value = super().construct_object(node, deep)
+        if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, str):
+            return _Plain(node.value, value)
+        return value
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # keys are option names: the text typed, whatever YAML would make of it (`on:` is not True)
+        mapping = super().construct_mapping(node, deep)
+        return {key.text if isinstance(key, _Plain) else key: value for key, value in mapping.items()}
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse config YAML, keeping unquoted non-string scalars as :class:`_Plain` for :func:`_coerce`."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
+def _untyped(value: Any) -> Any:
+    """``value`` with every :class:`_Plain` replaced by YAML's reading (dates by their text), for keys of no
+    declared element type (``list``, ``dict``)."""
+    if isinstance(value, _Plain):
+        return value.text if isinstance(value.value, datetime.date) else value.value
+    if isinstance(value, list):
+        return [_untyped(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _untyped(item) for key, item in value.items()}
+    return value
+
+
+_NONE_WORDS = ("none", "null")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against ``annotation``; ints and numeric strings are accepted where floats are expected."""
+    """``value`` as the type ``annotation`` declares, or a :class:`ConfigError` naming ``key``.
+
+    A string option takes an unquoted word as typed; ints and numeric strings are accepted where
+    floats are expected; None is written ``null``, ``~``, ``none`` or left empty.
+    """
+    plain = value if isinstance(value, _Plain) else None
+    typed = plain.value if plain is not None else value
     origin = get_origin(annotation)
     if origin is Literal:
-        if value in get_args(annotation):
-            return value
+        options = get_args(annotation)
+        if plain is not None and plain.text in options:
+            return plain.text
+        if typed in options:
+            return typed
     elif origin in (Union, types.UnionType):
         for option in get_args(annotation):
             try:
@@ -131,27 +196,37 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError:
                 continue
     elif annotation is type(None):
-        if value is None:
+        if typed is None or (isinstance(typed, str) and typed.strip().lower() in _NONE_WORDS):
             return None
+    elif annotation is str:
+        if plain is not None:
+            return plain.text
+        if isinstance(value, str):
+            return value
     elif annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        if isinstance(typed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                return float(typed)
             except ValueError:
                 pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        elif isinstance(typed, (int, float)) and not isinstance(typed, bool):
+            return float(typed)
     elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(annotation, type) and isinstance(value, annotation):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+        if isinstance(typed, int) and not isinstance(typed, bool):
+            return typed
+    elif origin in (list, dict) or annotation in (list, dict):
+        if isinstance(typed, origin or annotation):
+            return _untyped(typed)
+    elif isinstance(annotation, type) and isinstance(typed, annotation):
+        return typed
+    shown = plain.text if plain is not None else value
+    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {shown!r}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        shown = values.text if isinstance(values, _Plain) else values
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown!r}")
     hints = get_type_hints(cls)
     unknown = sorted(set(values) - set(hints))
     if unknown:
@@ -207,7 +282,7 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    node[parts[-1]] = _load_yaml(raw) if raw else ""
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -229,7 +304,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(values, dict):

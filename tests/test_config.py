@@ -1,11 +1,46 @@
 """The typed run config: YAML + dotted overrides, and errors that name the key."""
+import dataclasses
+import types
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
 
-from mmggem.config import ConfigError, load_config, parse_duration, save_config
+from conftest import run_cli
+from mmggem.config import ConfigError, RunConfig, load_config, parse_duration, save_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def literal_options(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) for each value of each Literal-typed option, found by walking the config dataclasses."""
+    found = []
+    for name, annotation in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            found += literal_options(annotation, f"{prefix}{name}.")
+            continue
+        members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+        found += [(prefix + name, value) for member in members if get_origin(member) is Literal
+                  for value in get_args(member)]
+    return found
+
+
+def get(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def unquoted_yaml(tmp_path: Path, key: str, text: str) -> Path:
+    """A config file that starts from configs/demo.yaml and sets ``key`` to ``text`` written without quotes."""
+    *sections, leaf = key.split(".")
+    lines = [f"base: {CONFIGS / 'demo.yaml'}"]
+    lines += [f"{'  ' * depth}{section}:" for depth, section in enumerate(sections)]
+    lines.append(f"{'  ' * len(sections)}{leaf}: {text}")
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def test_every_shipped_config_loads() -> None:
@@ -71,3 +106,64 @@ def test_base_files_are_read_first_and_overridden(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_the_walk_finds_the_documented_literal_options() -> None:
+    options = literal_options()
+    assert {("log.wandb", "off"), ("train.precision", "no"), ("train.loss", "siglip")} <= set(options)
+
+
+@pytest.mark.parametrize(("key", "value"), literal_options())
+def test_every_literal_value_works_on_the_command_line_and_unquoted_in_yaml(tmp_path: Path, key: str,
+                                                                            value: Any) -> None:
+    assert get(load_config(CONFIGS / "demo.yaml", [f"{key}={value}"]), key) == value
+    assert get(load_config(unquoted_yaml(tmp_path, key, str(value))), key) == value
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "expected"),
+    [
+        ("log.run_name", "yes", "yes"),
+        ("log.run_name", "on", "on"),
+        ("log.run_name", "y", "y"),
+        ("log.run_name", "2024-01-01", "2024-01-01"),
+        ("log.project", "1.50", "1.50"),
+        ("log.project", "null", "null"),
+        ("train.resume", "", ""),
+        ("train.grad_clip", "none", None),
+        ("train.grad_clip", "None", None),
+        ("train.grad_clip", "null", None),
+        ("train.grad_clip", "~", None),
+        ("train.stop_at_step", "none", None),
+        ("data.num_samples", "none", None),
+        ("train.threads", "NULL", None),
+        ("train.threads", "2", 2),
+        ("log.progress", "off", False),
+        ("log.progress", "yes", True),
+        ("train.betas", "[0.8, 0.9]", [0.8, 0.9]),
+        ("eval.datasets", "[on, 2024-01-01]", [True, "2024-01-01"]),
+    ],
+)
+def test_words_yaml_reads_otherwise_follow_the_type_of_the_key(tmp_path: Path, key: str, text: str,
+                                                               expected: Any) -> None:
+    """A string option keeps the text typed; an optional number takes none/null; a bool takes on/off/yes/no."""
+    assert get(load_config(CONFIGS / "demo.yaml", [f"{key}={text}"]), key) == expected
+    assert get(load_config(unquoted_yaml(tmp_path, key, text)), key) == expected
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.steps=off", r"train\.steps: expected int, got 'off'"),
+    ("train.grad_clip=never", r"train\.grad_clip: expected float or NoneType, got 'never'"),
+    ("log.wandb=yes", r"log\.wandb: expected one of 'off', 'offline', 'online', got 'yes'"),
+    ("train=off", r"train: expected a mapping, got 'off'"),
+])
+def test_a_misread_word_is_named_as_typed(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo.yaml", [override])
+
+
+def test_the_train_command_takes_the_documented_words() -> None:
+    """`mmggem train ... log.wandb=off train.precision=no` gets past every value check to the empty data.train."""
+    result = run_cli("train", str(CONFIGS / "demo.yaml"), "log.wandb=off", "train.precision=no", "data.train=")
+    assert result.returncode == 2, result.stderr
+    assert "data.train: a shard pattern is required" in result.stderr and "log.wandb" not in result.stderr
