@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from itertools import islice
 from pathlib import Path
 
@@ -268,3 +269,33 @@ def test_a_state_from_another_setup_is_refused(tmp_path: Path) -> None:
     next(iter(loader))
     with pytest.raises(ValueError, match="batch_size: now 2, saved 4"):
         make_loader(spec, batch_size=2, state=loader.state_dict())
+
+
+def worker_pid(image: Image.Image) -> torch.Tensor:
+    """A 'transform' that returns the id of the process that ran it."""
+    return torch.tensor([os.getpid()])
+
+
+def test_worker_processes_persist_across_epochs(tmp_path: Path) -> None:
+    caption_shards(tmp_path, [6, 6, 6, 6])
+    loader = make_loader(str(tmp_path / "{00000..00003}.tar"), transform=worker_pid, num_workers=2, batch_size=3)
+    pids_by_epoch = [{int(pid) for images, _ in loader for pid in images} for _ in range(3)]
+    assert loader.epoch == 3
+    assert len(pids_by_epoch[0]) == 2 and os.getpid() not in pids_by_epoch[0]
+    assert pids_by_epoch[0] == pids_by_epoch[1] == pids_by_epoch[2]
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_batches_continue_across_epochs_with_uneven_worker_quotas(tmp_path: Path, num_workers: int) -> None:
+    """7 batches an epoch over 3 workers: a worker process plays another logical worker each epoch, and
+    every epoch equals the one a loader started fresh at that epoch yields."""
+    caption_shards(tmp_path, [5] * 6)
+    spec = str(tmp_path / "{00000..00005}.tar")
+    loader = make_loader(spec, num_workers=num_workers, batch_size=3, num_samples=21)
+    assert loader.batches_per_epoch == 7
+    for _ in range(3):
+        fresh = make_loader(spec, num_workers=num_workers, batch_size=3, num_samples=21,
+                            state=json.loads(json.dumps(loader.state_dict())))
+        epoch = captions_of(loader)
+        assert len(epoch) == 7 and len(set(sum(epoch, []))) == 21
+        assert epoch == captions_of(fresh)

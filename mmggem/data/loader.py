@@ -21,8 +21,10 @@ Modes:
   and others wait for the next epoch.
 
 In both modes an epoch is ``num_samples // (batch_size * world_size)`` batches per rank, batch j of an
-epoch comes from worker ``j % num_workers``, and everything random (shard order, shuffle buffer, the
-transform's torch and ``random`` draws, seeded per sample) follows from (seed, epoch, rank, worker).
+epoch comes from (logical) worker ``j % num_workers``, and everything random (shard order, shuffle
+buffer, the transform's torch and ``random`` draws, seeded per sample) follows from (seed, epoch, rank,
+worker). The DataLoader's worker processes persist across epochs: each plays, epoch after epoch, the
+logical worker its next batch falls to.
 
 Resume: each batch carries its worker's count of raw samples pulled from the shuffle buffer. The
 loader records it for the batches the caller consumed (``state_dict()``); a loader built with that
@@ -293,7 +295,7 @@ def _seeded(seed: int) -> Iterator[None]:
         random.setstate(random_state)
 
 
-# --- one epoch of one worker ------------------------------------------------------------------------
+# --- one worker's batches -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -306,23 +308,35 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
-class _EpochPlan:
-    """Everything a worker needs for its part of one epoch (picklable, for DataLoader workers)."""
+class _StreamPlan:
+    """Everything a DataLoader worker needs to produce batches from the loader's position on (picklable)."""
 
     seed: int
-    epoch: int
     rank: int
+    world_size: int
     resampled: bool
     urls: tuple[str, ...]
     weights: tuple[float, ...]
-    assignment: tuple[tuple[str, ...], ...]  # epoch mode: shards of each logical worker of this rank
-    quotas: tuple[int, ...]  # batches of each logical worker in the epoch
-    starts: tuple[WorkerState, ...]
-    offset: int  # DataLoader worker i plays logical worker (i + offset) % num_workers
+    quotas: tuple[int, ...]  # batches of each logical worker in an epoch
+    start_epoch: int
+    start_batches: int  # batches of start_epoch already consumed
+    starts: tuple[WorkerState, ...]  # each logical worker's position in start_epoch
     batch_size: int
     shuffle_buffer: int
     transform: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(self.quotas)
+
+    def assignment(self, epoch: int) -> tuple[tuple[str, ...], ...]:
+        """Epoch mode: the epoch's shard order dealt round-robin to all ranks' workers; this rank's part."""
+        order = list(self.urls)
+        random.Random(_seed(self.seed, epoch)).shuffle(order)
+        workers = len(self.quotas)
+        slots = self.world_size * workers
+        return tuple(tuple(order[self.rank * workers + w::slots]) for w in range(workers))
 
 
 def _shard_samples(urls: Iterator[str], skips: Counter, limit: int | None = None) -> Iterator[dict[str, Any]]:
@@ -338,8 +352,9 @@ def _shard_samples(urls: Iterator[str], skips: Counter, limit: int | None = None
             raise RuntimeError(f"{empty} shards in a row gave no sample (last: {url}); skipped: {dict(skips)}")
 
 
-def _raw_stream(plan: _EpochPlan, worker: int, base_seed: int, skips: Counter) -> Iterator[dict[str, Any]]:
-    """The worker's infinite stream of raw samples, after the shuffle buffer.
+def _raw_stream(plan: _StreamPlan, epoch: int, worker: int, base_seed: int,
+                skips: Counter) -> Iterator[dict[str, Any]]:
+    """A logical worker's infinite stream of raw samples in ``epoch``, after the shuffle buffer.
 
     Epoch mode goes through the worker's shards in passes, each in a new order and shuffled on its
     own (the buffer empties at the end of a pass), so a pass holds every sample of those shards once.
@@ -350,8 +365,9 @@ def _raw_stream(plan: _EpochPlan, worker: int, base_seed: int, skips: Counter) -
         limit = 2 * len(plan.urls) + 2
         yield from shuffled(_shard_samples(draws, skips, limit), plan.shuffle_buffer, buffer_rng)
         return
+    shards = plan.assignment(epoch)[worker]
     while True:
-        order = list(plan.assignment[worker])
+        order = list(shards)
         shard_rng.shuffle(order)
         count = 0
         for sample in shuffled(_shard_samples(iter(order), skips), plan.shuffle_buffer, buffer_rng):
@@ -362,15 +378,13 @@ def _raw_stream(plan: _EpochPlan, worker: int, base_seed: int, skips: Counter) -
                                f"skipped: {dict(skips)}")
 
 
-def _worker_batches(plan: _EpochPlan, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """The rest of logical ``worker``'s epoch: (images, tokens, tag) batches, the tag locating the batch."""
-    start = plan.starts[worker]
+def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
+                    start: WorkerState) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """The rest of logical ``worker``'s part of ``epoch`` from ``start``: (images, tokens, tag) batches."""
     quota = plan.quotas[worker]
-    if start.batches >= quota:
-        return
-    base_seed = _seed(plan.seed, plan.epoch, plan.rank, worker)
+    base_seed = _seed(plan.seed, epoch, plan.rank, worker)
     skips: Counter = Counter()
-    raw = _raw_stream(plan, worker, base_seed, skips)
+    raw = _raw_stream(plan, epoch, worker, base_seed, skips)
     for _ in range(start.raw):  # replay to the resume position without decoding
         next(raw)
     skips.clear()
@@ -378,7 +392,8 @@ def _worker_batches(plan: _EpochPlan, worker: int) -> Iterator[tuple[torch.Tenso
     pulled, batches, consecutive_skips = start.raw, start.batches, 0
     images: list[torch.Tensor] = []
     captions: list[str] = []
-    for sample in raw:
+    while batches < quota:
+        sample = next(raw)
         pulled += 1
         try:
             image, caption = decode_sample(sample)
@@ -395,34 +410,63 @@ def _worker_batches(plan: _EpochPlan, worker: int) -> Iterator[tuple[torch.Tenso
         captions.append(caption)
         if len(images) == plan.batch_size:
             batches += 1
-            tag = {"worker": worker, "raw": pulled, "batches": batches, "skipped": dict(skips)}
+            tag = {"epoch": epoch, "worker": worker, "raw": pulled, "batches": batches, "skipped": dict(skips)}
             yield torch.stack(images), plan.tokenizer(captions), tag
-            if batches == quota:
-                return
             images, captions = [], []
 
 
-class _EpochDataset(IterableDataset):
-    def __init__(self, plan: _EpochPlan):
+def _slot_batches(plan: _StreamPlan, slot: int, slots: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """DataLoader worker ``slot``'s batches, epoch after epoch, without end.
+
+    The DataLoader takes batch k of its (endless) iteration from worker ``k % slots``; counted from
+    the loader's start position, that is the batch at global index ``g = start + k`` (epoch
+    ``g // B``, index ``j = g % B`` in it, ``B`` batches an epoch), and batch ``j`` of an epoch
+    belongs to logical worker ``j % slots``. So within one epoch a slot always plays one logical
+    worker, and at each epoch boundary it moves on to the logical worker its next index falls to.
+    """
+    per_epoch = plan.batches_per_epoch
+    position = plan.start_epoch * per_epoch + plan.start_batches + slot
+    while True:
+        epoch, index = divmod(position, per_epoch)
+        worker = index % slots
+        start = plan.starts[worker] if epoch == plan.start_epoch else WorkerState()
+        if start.batches != index // slots:
+            raise RuntimeError(f"loader state is inconsistent: worker {worker} consumed {start.batches} batches, "
+                               f"its next one is batch {index} of the epoch")
+        served = 0
+        for batch in _worker_batches(plan, epoch, worker, start):
+            served += 1
+            yield batch
+        position += served * slots
+
+
+class _Stream(IterableDataset):
+    """The endless batch stream of one rank; each DataLoader worker yields its slot's share."""
+
+    def __init__(self, plan: _StreamPlan):
         super().__init__()
         self.plan = plan
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
-        workers = len(self.plan.quotas)
-        worker = ((info.id if info is not None else 0) + self.plan.offset) % workers
-        return _worker_batches(self.plan, worker)
+        return _slot_batches(self.plan, info.id if info is not None else 0, len(self.plan.quotas))
 
 
 # --- the loader -------------------------------------------------------------------------------------
 
 
 class TrainLoader:
-    """Iterable of (images [B,3,H,W] float, tokens [B,L] long) training batches; see the module docstring.
+    """Iterable of (images [B,3,H,W], tokens [B,L] long) training batches; see the module docstring.
 
     Epoch mode: one ``iter()`` yields the rest of the current epoch; the next ``iter()`` starts the next
     epoch. Resampled mode: one ``iter()`` never ends. Either way ``iter()`` continues from the batches
     consumed so far, so a loader built with ``state=old.state_dict()`` continues where ``old`` stopped.
+    The images are whatever ``transform`` returns (uint8 for the trainer, see :mod:`mmggem.data.device`).
+
+    The DataLoader and its worker processes are created at the first ``iter()`` and live as long as
+    the loader: epochs follow each other in the same workers, which already prefetch the next epoch's
+    first batches while the current one ends. ``pin_memory`` puts batches in page-locked memory for
+    non-blocking copies to a GPU.
     """
 
     def __init__(
@@ -440,6 +484,7 @@ class TrainLoader:
         world_size: int,
         num_samples: int | None = None,
         state: dict | None = None,
+        pin_memory: bool = False,
     ):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got {batch_size}, "
@@ -452,6 +497,7 @@ class TrainLoader:
         self.transform, self.tokenizer = transform, tokenizer
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.resampled, self.shuffle_buffer, self.rank, self.world_size = resampled, shuffle_buffer, rank, world_size
+        self.pin_memory = pin_memory
         self._workers = max(1, num_workers)
         if not resampled:
             if any(weight != 1.0 for weight in self.weights):
@@ -470,44 +516,42 @@ class TrainLoader:
         self._epoch, self._batches = 0, 0
         self._positions = [WorkerState() for _ in range(self._workers)]
         self._skipped_before: Counter = Counter()
+        self._stream: Iterator[tuple[torch.Tensor, torch.Tensor, dict]] | None = None
         if state is not None:
             self._load(state)
 
     # -- iteration --
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._stream is None:
+            self._stream = iter(DataLoader(_Stream(self._plan()), batch_size=None, num_workers=self.num_workers,
+                                           pin_memory=self.pin_memory))
         while True:
-            yield from self._epoch_batches()
-            if not self.resampled:
-                return
-
-    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(_EpochDataset(self._plan()), batch_size=None, num_workers=self.num_workers)
-        for images, tokens, tag in loader:
-            self._positions[tag["worker"]] = WorkerState(tag["raw"], tag["batches"], tag["skipped"])
-            self._batches += 1
-            if self._batches == self.batches_per_epoch:
+            images, tokens, tag = next(self._stream)
+            self._record(tag)
+            epoch_ended = self._batches == self.batches_per_epoch
+            if epoch_ended:
                 self._next_epoch()
             yield images, tokens
-        if self._batches != 0:
-            raise RuntimeError(f"the workers stopped after {self._batches} of {self.batches_per_epoch} batches")
+            if epoch_ended and not self.resampled:
+                return
 
-    def _plan(self) -> _EpochPlan:
-        return _EpochPlan(
-            seed=self.seed, epoch=self._epoch, rank=self.rank, resampled=self.resampled,
-            urls=self.urls, weights=self.weights, assignment=self._assignment(), quotas=self._quotas,
-            starts=tuple(self._positions), offset=self._batches % self._workers, batch_size=self.batch_size,
-            shuffle_buffer=self.shuffle_buffer, transform=self.transform, tokenizer=self.tokenizer,
+    def _record(self, tag: dict[str, Any]) -> None:
+        """Note the position a batch reached; the batches arrive in the order :func:`_slot_batches` deals."""
+        expected = (self._epoch, self._batches % self._workers)
+        if (tag["epoch"], tag["worker"]) != expected:
+            raise RuntimeError(f"batch from epoch {tag['epoch']} worker {tag['worker']} arrived where epoch "
+                               f"{expected[0]} worker {expected[1]} was due")
+        self._positions[tag["worker"]] = WorkerState(tag["raw"], tag["batches"], tag["skipped"])
+        self._batches += 1
+
+    def _plan(self) -> _StreamPlan:
+        return _StreamPlan(
+            seed=self.seed, rank=self.rank, world_size=self.world_size, resampled=self.resampled, urls=self.urls,
+            weights=self.weights, quotas=self._quotas, start_epoch=self._epoch, start_batches=self._batches,
+            starts=tuple(self._positions), batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+            transform=self.transform, tokenizer=self.tokenizer,
         )
-
-    def _assignment(self) -> tuple[tuple[str, ...], ...]:
-        """Epoch mode: this epoch's shard order dealt round-robin to all ranks' workers; this rank's part."""
-        if self.resampled:
-            return ()
-        order = list(self.urls)
-        random.Random(_seed(self.seed, self._epoch)).shuffle(order)
-        slots = self.world_size * self._workers
-        return tuple(tuple(order[self.rank * self._workers + w::slots]) for w in range(self._workers))
 
     def _next_epoch(self) -> None:
         for position in self._positions:
