@@ -56,7 +56,7 @@ def train_run(config: Path, run: AblationRun, overrides: list[str], device_index
     if run.finished:
         return 0
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mmggem.cli", "train", str(config), f"model.pooling={run.pooling}",
+    command = [sys.executable, "-m", "mmggem", "train", str(config), f"model.pooling={run.pooling}",
                f"seed={run.seed}", f"output_dir={run.output_dir}", "train.resume=latest", "log.progress=false",
                *overrides]
     with open(run.output_dir / "train.log", "a") as log_file:

@@ -57,8 +57,8 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python -m mmggem.cli ARGS` in one real process; ``env`` adds environment variables."""
-    return subprocess.run([PYTHON, "-m", "mmggem.cli", *args], capture_output=True, text=True,
+    """`python -m mmggem ARGS` in one real process; ``env`` adds environment variables."""
+    return subprocess.run([PYTHON, "-m", "mmggem", *args], capture_output=True, text=True,
                           env=cpu_env(**env), timeout=timeout)
 
 
@@ -70,7 +70,7 @@ def accelerate_cli(*args: str, processes: int = 2, timeout: float = 300) -> subp
     """
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "mmggem.cli", *args]
+               "-m", "mmggem", *args]
     return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=timeout)
 
 
@@ -78,7 +78,7 @@ def spawn_ranks(*args: str, processes: int = 2) -> list[subprocess.Popen]:
     """Start one CLI process per rank with torch's env:// variables, as SLURM's srun does."""
     port = str(free_port())
     return [
-        subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        subprocess.Popen([PYTHON, "-m", "mmggem", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                                                 LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
                                                 MASTER_PORT=port))

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .. import __version__
 
-SUBCOMMANDS = ("data", "train", "evaluate", "demo", "ablate")
+SUBCOMMANDS = ("data", "train", "eval", "demo", "ablate")
+"""The commands, in help order; command NAME is registered by the module ``mmggem.cli.NAME``."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`python -m mmggem.cli`, the form `accelerate launch -m mmggem.cli` uses."""
+"""`python -m mmggem.cli`, kept beside `python -m mmggem` (mmggem/__main__.py) for scripts that use it."""
 import sys
 
 from . import main
