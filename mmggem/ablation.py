@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -91,7 +93,7 @@ def final_metrics(run: AblationRun) -> dict[str, float]:
 def summary_columns(metrics: list[dict[str, float]]) -> list[str]:
     keys = sorted({key for m in metrics for key in m if key.rsplit("/", 1)[-1] in SUMMARY_METRICS})
     if not keys:
-        raise ValueError("no run logged zero-shot or retrieval metrics: set eval.datasets in the config")
+        raise UserError("no run logged zero-shot or retrieval metrics: set eval.datasets in the config")
     return keys
 
 

@@ -25,11 +25,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UsageError
 from .pooling import POOLER_NAMES
 
 
-class ConfigError(ValueError):
-    """A configuration key, type or value that cannot be used."""
+class ConfigError(UsageError):
+    """A configuration key, type or value that cannot be used (the CLI prints it as one line, exit 2)."""
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     time_limit: str = ""
     max_bad_steps: int = 5
     threads: int | None = None
+    tf32: bool = True
 
 
 @dataclass

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .errors import MissingPathError, UserError
 from .fileio import atomic_directory
 from .pooling import build_pooler
 
@@ -75,7 +76,7 @@ class PooledVisionTransformer(VisionTransformer):
         if type(tower) is not VisionTransformer:
             raise TypeError(f"expected open_clip's VisionTransformer, got {type(tower).__name__}")
         if tower.attn_pool is not None:
-            raise ValueError("the open_clip config enables attentional_pool; use pooling='attn' instead")
+            raise UserError("the open_clip config enables attentional_pool; use pooling='attn' instead")
         tower.__class__ = cls
         tower.pooler = pooler
         return tower
@@ -119,7 +120,7 @@ def _text_tower_cfg(text_tower: str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(text_tower, str):
         return {"hf_model_name": text_tower, "hf_tokenizer_name": text_tower, "hf_model_pretrained": True}
     if "hf_model_name" not in text_tower:
-        raise ValueError(f"text_tower dict needs an 'hf_model_name' key, got keys {sorted(text_tower)}")
+        raise UserError(f"text_tower dict needs an 'hf_model_name' key, got keys {sorted(text_tower)}")
     return {"hf_tokenizer_name": text_tower["hf_model_name"], **text_tower}
 
 
@@ -127,7 +128,7 @@ def _model_cfg(name: str) -> dict[str, Any]:
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         ours = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-        raise ValueError(
+        raise UserError(
             f"unknown model {name!r}; mmggem's own: {', '.join(ours)}; "
             "or any open_clip model with a ViT image tower (open_clip.list_models())"
         )
@@ -139,9 +140,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
     model_cfg = copy.deepcopy(spec.model_cfg)
     vision_cfg = model_cfg.get("vision_cfg", {})
     if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
-        raise ValueError(f"model {spec.name!r} has no open_clip ViT image tower (timm or ResNet): not supported")
+        raise UserError(f"model {spec.name!r} has no open_clip ViT image tower (timm or ResNet): not supported")
     if "multimodal_cfg" in model_cfg:
-        raise ValueError(f"model {spec.name!r} is a CoCa model: not supported")
+        raise UserError(f"model {spec.name!r} is a CoCa model: not supported")
     custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
     model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     model = model_class(**model_cfg)
@@ -190,18 +191,18 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load open_clip or mmggem weights into ``model``; only pooler parameters may differ."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
+        raise MissingPathError(f"pretrained weights not found: {path}")
     try:
         if path.is_dir():
             result = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
         else:  # open_clip's loader converts old and third-party layouts and resizes position embeddings
             result = open_clip.load_checkpoint(model, str(path), strict=False)
     except RuntimeError as error:
-        raise ValueError(f"weights in {path} do not fit model {model.mmggem_spec.name!r}: {error}") from error
+        raise UserError(f"weights in {path} do not fit model {model.mmggem_spec.name!r}: {error}") from error
     missing = [key for key in result.missing_keys if not key.startswith(POOLER_PREFIX)]
     unexpected = [key for key in result.unexpected_keys if not key.startswith(POOLER_PREFIX)]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"weights in {path} do not fit model {model.mmggem_spec.name!r}: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
@@ -262,10 +263,10 @@ def read_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"not an mmggem model folder: {config_file} is missing")
+        raise MissingPathError(f"not an mmggem model folder: {config_file} is missing")
     config = json.loads(config_file.read_text())
     if "mmggem" not in config or "model_cfg" not in config:
-        raise ValueError(f"{config_file} has no 'mmggem' and 'model_cfg' sections: not written by mmggem.save_model")
+        raise UserError(f"{config_file} has no 'mmggem' and 'model_cfg' sections: not written by mmggem.save_model")
     text_cfg = config["model_cfg"]["text_cfg"]
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text_cfg.get(key) == ".":
@@ -281,10 +282,10 @@ def load(path: str | Path) -> tuple[nn.Module, Callable[[Any], torch.Tensor], To
     model = build_model(read_spec(path))
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"model weights missing: {weights}")
+        raise MissingPathError(f"model weights missing: {weights}")
     try:
         model.load_state_dict(load_file(str(weights)))
     except RuntimeError as error:
-        raise ValueError(f"weights {weights} do not match the config in {path / CONFIG_FILE}: {error}") from error
+        raise UserError(f"weights {weights} do not match the config in {path / CONFIG_FILE}: {error}") from error
     model.eval()
     return model, image_transform(model, is_train=False), get_tokenizer(model)

@@ -26,12 +26,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import UserError
+
 POOLER_NAMES = ("cls", "avg", "max", "gem", "ggem", "attn")
 
 
 def _check_p_init(p_init: float) -> None:
     if not p_init > 0:
-        raise ValueError(f"p_init must be a positive number (p is clamped to >= 1 in forward), got {p_init!r}")
+        raise UserError(f"p_init must be a positive number (p is clamped to >= 1 in forward), got {p_init!r}")
 
 
 class ClassTokenPool(nn.Module):
@@ -107,7 +109,7 @@ class GGeM(nn.Module):
         super().__init__()
         if groups < 1 or dim % groups != 0:
             divisors = [g for g in range(1, dim + 1) if dim % g == 0]
-            raise ValueError(
+            raise UserError(
                 f"GGeM needs dim divisible by groups: dim={dim}, groups={groups}; valid groups: {divisors}"
             )
         _check_p_init(p_init)
@@ -179,8 +181,8 @@ def build_pooler(name: str, dim: int, heads: int, **kwargs: Any) -> nn.Module:
     for gem; ``mlp_ratio`` for attn).
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown pooling {name!r}; valid choices: {', '.join(POOLER_NAMES)}")
+        raise UserError(f"unknown pooling {name!r}; valid choices: {', '.join(POOLER_NAMES)}")
     try:
         return _BUILDERS[name](dim, heads, **kwargs)
     except TypeError as error:
-        raise ValueError(f"invalid options for pooling {name!r}: {kwargs} ({error})") from error
+        raise UserError(f"invalid options for pooling {name!r}: {kwargs} ({error})") from error

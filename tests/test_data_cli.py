@@ -113,3 +113,24 @@ def test_a_missing_input_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.
     assert run_cli(["data", "captions", "--images", str(tmp_path / "nope"), "--captions", str(tmp_path / "c.csv"),
                     "--out", str(tmp_path / "out")]) == 1
     assert f"{tmp_path / 'nope'} is not a directory of images" in capsys.readouterr().err
+
+
+def test_captions_with_no_usable_pair_name_the_out_folder_and_every_reason(tmp_path: Path) -> None:
+    """One error line, no traceback: the user's --out (not the staging folder), counts by reason, file names."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "images" / "silent.png").write_bytes(image_bytes(noise(0)))
+    rows = ["file,caption", "broken.png,a broken file", "silent.png,", *(f"gone{i}.png,lost {i}" for i in range(7))]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "mmggem", "data", "captions", "--images", str(tmp_path / "images"),
+               "--captions", str(tmp_path / "captions.csv"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert ".partial" not in error
+    assert error.startswith(f"mmggem data: error: nothing written to {out}: no usable (image, caption) pair (")
+    assert "skipped 7 (missing file): gone0.png, gone1.png, gone2.png, gone3.png, gone4.png, ..." in error
+    assert "skipped 1 (unreadable image): broken.png" in error
+    assert "skipped 1 (empty caption): silent.png (line 3)" in error and "skipped 1 (no caption): silent.png" in error
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["captions.csv", "images"]

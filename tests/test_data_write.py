@@ -194,7 +194,7 @@ def test_class_folders_give_sorted_labels_and_templates_must_name_the_class(tmp_
         (tmp_path / "images" / name).mkdir(parents=True)
         (tmp_path / "images" / name / "1.png").write_bytes(image_bytes(solid(colour)))
     (tmp_path / "images" / "stray.png").write_bytes(image_bytes(solid((1, 1, 1))))
-    with pytest.raises(ValueError, match=r"template 2 'a photo' has no \{c\}"):
+    with pytest.raises(ValueError, match=r"zero-shot templates: line 2 template 'a photo' has no \{c\}"):
         build_classification_set(tmp_path / "images", tmp_path / "out", templates=["a {c}", "a photo"], progress=False)
     assert not (tmp_path / "out").exists()
     report = build_classification_set(tmp_path / "images", tmp_path / "out", progress=False)

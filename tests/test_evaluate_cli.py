@@ -87,12 +87,12 @@ def test_retrieval_results_over_several_sets_and_their_summary_csv(
 
 def test_summary_names_a_file_that_is_not_a_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "results").mkdir()
-    assert cli_main(["eval", "summary", str(tmp_path / "results")]) == 2
+    assert cli_main(["eval", "summary", str(tmp_path / "results")]) == 1
     assert "no *.json result files" in capsys.readouterr().err
     (tmp_path / "results" / "a.json").write_text(json.dumps({"dataset": "x", "metrics": {}}))
-    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 2
+    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 1
     assert "a.json: not a CLIP_benchmark result, missing model, pretrained, task, language" in capsys.readouterr().err
     (tmp_path / "results" / "a.json").write_text("{not json")
-    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 2
+    assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "s.csv")]) == 1
     assert "a.json: not a JSON result file" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()

@@ -3,14 +3,22 @@
 Every subcommand module exposes ``register(subparsers)``, which adds its parser
 and sets ``func`` to a callable taking the parsed namespace and returning an
 exit code. The work itself lives in the library modules.
+
+Errors: a :class:`mmggem.errors.UserError` (a config key, a missing file, data
+that cannot be used) is printed as one line, ``mmggem COMMAND: error: ...``, and
+the command exits with the error's ``exit_code`` (2 for options and config, 1
+for the rest). Any other exception propagates with its traceback: it is a bug or
+a failure of the environment, and where it came from is what one needs to know.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Sequence
 
 from .. import __version__
+from ..errors import UserError
 
 SUBCOMMANDS = ("data", "train", "eval", "demo", "ablate")
 """The commands, in help order; command NAME is registered by the module ``mmggem.cli.NAME``."""
@@ -42,4 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"mmggem {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
 from ..pooling import POOLER_NAMES
 
 
@@ -30,19 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..ablation import plan_runs, run_all, write_summary
-    from ..config import ConfigError, load_config
+    from ..config import load_config
 
     poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
     unknown = [p for p in poolings if p not in POOLER_NAMES]
     if unknown or args.seeds < 1 or args.parallel < 1:
-        print(f"mmggem ablate: poolings must be among {', '.join(POOLER_NAMES)} (got {unknown}), "
-              "--seeds and --parallel >= 1", file=sys.stderr)
-        return 2
-    try:
-        load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"mmggem ablate: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"poolings must be among {', '.join(POOLER_NAMES)} (got {unknown}), "
+                         "--seeds and --parallel >= 1")
+    load_config(args.config, args.overrides)
     state = PartialState()
     runs = plan_runs(args.output_dir, poolings, args.seeds)
     device = state.local_process_index if state.device.type == "cuda" else None

@@ -5,7 +5,6 @@ Thin: parses arguments, calls mmggem.data.write / mmggem.data.demo, prints the r
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -80,12 +79,8 @@ def _per_shard(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _run(build: Callable[[], WriteReport | list[WriteReport]]) -> int:
-    """Call a builder; print its report(s), or the error that stopped it."""
-    try:
-        reports = build()
-    except (ValueError, OSError) as error:
-        print(f"mmggem data: error: {error}", file=sys.stderr)
-        return 1
+    """Call a builder and print its report(s); what stops it propagates to the CLI's error handling."""
+    reports = build()
     for report in reports if isinstance(reports, list) else [reports]:
         print(report.summary())
     return 0

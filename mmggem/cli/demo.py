@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,15 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
+    """Run the demo in ``--output-dir`` or a temporary folder (removed afterwards, whatever happened)."""
     from ..demo import run_demo
 
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="mmggem-demo-"))
     try:
         outcome = run_demo(output_dir, args.overrides)
-    except ConfigError as error:
-        print(f"mmggem demo: {error}", file=sys.stderr)
-        return 2
     finally:
         if args.output_dir is None:
             shutil.rmtree(output_dir, ignore_errors=True)

@@ -13,9 +13,9 @@ process writes and prints.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from ..errors import UsageError
 from ..evaluate.results import DEFAULT_OUTPUT_PATTERN, DEFAULT_RECALL_K, ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL
 
 TASK_COMMANDS = {"zeroshot": ZEROSHOT_CLASSIFICATION, "retrieval": ZEROSHOT_RETRIEVAL}
@@ -60,25 +60,21 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_dataset, load_model
     from ..evaluate.results import format_table, write_json
 
-    try:
-        loaded = load_model(args.checkpoint, args.pretrained)
-        accelerator = Accelerator()
-        outputs = _output_files(args, loaded.model_name, loaded.pretrained)
-        model = loaded.model.to(accelerator.device)
-        records = []
-        for dataset, output in zip(args.dataset, outputs):
-            result = evaluate_dataset(
-                model, dataset, loaded.preprocess, loaded.tokenizer,
-                task=args.task, batch_size=args.batch_size, num_workers=args.num_workers,
-                accelerator=accelerator, amp=args.amp, recall_k=args.recall_k, progress=not args.quiet,
-            )
-            record = result.record(model=loaded.model_name, pretrained=loaded.pretrained, language=args.language)
-            if accelerator.is_main_process:
-                print(f"{result.dataset}: wrote {write_json(record, output)}")
-            records.append(record)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"mmggem eval: error: {error}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.checkpoint, args.pretrained)
+    accelerator = Accelerator()
+    outputs = _output_files(args, loaded.model_name, loaded.pretrained)
+    model = loaded.model.to(accelerator.device)
+    records = []
+    for dataset, output in zip(args.dataset, outputs):
+        result = evaluate_dataset(
+            model, dataset, loaded.preprocess, loaded.tokenizer,
+            task=args.task, batch_size=args.batch_size, num_workers=args.num_workers,
+            accelerator=accelerator, amp=args.amp, recall_k=args.recall_k, progress=not args.quiet,
+        )
+        record = result.record(model=loaded.model_name, pretrained=loaded.pretrained, language=args.language)
+        if accelerator.is_main_process:
+            print(f"{result.dataset}: wrote {write_json(record, output)}")
+        records.append(record)
     if accelerator.is_main_process:
         print(format_table(records))
     return 0
@@ -92,7 +88,7 @@ def _output_files(args: argparse.Namespace, model_name: str, pretrained: str) ->
     if Path(pattern).is_dir():
         pattern = str(Path(pattern) / DEFAULT_OUTPUT_PATTERN)
     elif len(args.dataset) > 1 and "{dataset}" not in pattern:
-        raise ValueError(f"--output {args.output!r} names one file for {len(args.dataset)} datasets; "
+        raise UsageError(f"--output {args.output!r} names one file for {len(args.dataset)} datasets; "
                          "put {dataset} in it or give an existing folder")
     paths = [
         output_path(pattern, {"dataset": Path(d).resolve().name, "model": model_name, "pretrained": pretrained,
@@ -100,7 +96,7 @@ def _output_files(args: argparse.Namespace, model_name: str, pretrained: str) ->
         for d in args.dataset
     ]
     if len(set(paths)) < len(paths):
-        raise ValueError(f"--output {args.output!r} gives the same file for two datasets: {[str(p) for p in paths]}")
+        raise UsageError(f"--output {args.output!r} gives the same file for two datasets: {[str(p) for p in paths]}")
     return paths
 
 
@@ -108,10 +104,6 @@ def run_summary(args: argparse.Namespace) -> int:
     """Write a CSV with one row per result JSON in ``RESULTS_DIR``."""
     from ..evaluate.results import summary_rows, write_summary_csv
 
-    try:
-        rows = summary_rows(args.results_dir)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"mmggem eval summary: error: {error}", file=sys.stderr)
-        return 2
+    rows = summary_rows(args.results_dir)
     print(f"wrote {write_summary_csv(rows, args.output)} ({len(rows)} results)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..stopping import EXIT_REQUEUE
 
 
@@ -23,16 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"mmggem train: {error}", file=sys.stderr)
-        return 2
+    """Load and check the config (a ConfigError stops before any work), train, return the run's exit code.
+
+    A diverged run is an outcome, not a bug: its message (the step and the last good checkpoint) is printed
+    as one line and the command exits 1.
+    """
+    cfg = load_config(args.config, args.overrides)
     from ..train import TrainingDiverged, train
 
     try:
         outcome = train(cfg)
-    except (TrainingDiverged, ValueError) as error:
-        print(f"mmggem train: {error}", file=sys.stderr)
+    except TrainingDiverged as error:
+        print(f"mmggem train: error: {error}", file=sys.stderr)
         return 1
     return outcome.exit_code

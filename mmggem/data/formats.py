@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
+
+from ..errors import MissingPathError, UserError
 
 # --- sample keys (shared by both layouts) ----------------------------------------------------
 
@@ -77,6 +79,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 """Templates written for a classification set when the user gives none."""
 
 CLASS_PLACEHOLDER = "{c}"
+"""Marks the class name in a zero-shot template; templates are filled with ``template.format(c=name)``."""
 
 
 def train_shard_name(index: int) -> str:
@@ -92,13 +95,6 @@ def eval_shard_name(index: int) -> str:
 def eval_sample_key(index: int) -> str:
     """Sample key CLIP_benchmark's exporter uses: ``s0000000`` style."""
     return f"s{index:07d}"
-
-
-def eval_shard_pattern(root: str | os.PathLike, nshards: int, split: str = EVAL_SPLIT) -> str:
-    """Brace pattern over a set's shards, the one ``build_wds_dataset`` builds."""
-    if nshards < 1:
-        raise ValueError(f"an evaluation set needs at least one shard, got nshards={nshards}")
-    return os.path.join(os.fspath(root), split, f"{{0..{nshards - 1}}}.tar")
 
 
 def image_key(sample: Mapping[str, object]) -> str | None:
@@ -122,10 +118,34 @@ def split_captions(text: str) -> list[str]:
     return text.splitlines()
 
 
+def check_templates(templates: Sequence[str], source: str) -> None:
+    """Raise a UserError naming ``source`` and the first template that cannot be filled with a class name.
+
+    Checked when a set is written and again when it is evaluated (a set may come from elsewhere): a
+    template needs ``{c}`` and no other format field, since it is filled with ``template.format(c=name)``
+    as CLIP_benchmark does; literal braces are written ``{{ }}``.
+    """
+    if not templates:
+        raise UserError(f"{source}: no templates")
+    for line, template in enumerate(templates, start=1):
+        if CLASS_PLACEHOLDER not in template:
+            raise UserError(f"{source}: line {line} template {template!r} has no {CLASS_PLACEHOLDER} placeholder "
+                            f"(write e.g. 'a photo of a {CLASS_PLACEHOLDER}.')")
+        try:
+            template.format(c="x")
+        except (IndexError, KeyError, ValueError) as error:
+            raise UserError(f"{source}: line {line} template {template!r} is not a format string with only "
+                            f"{CLASS_PLACEHOLDER} ({type(error).__name__}: {error}); write literal braces as {{{{ }}}}"
+                            ) from None
+
+
 def read_lines(path: str | os.PathLike) -> list[str]:
     """Lines of a UTF-8 text file, stripped, as CLIP_benchmark reads class names and templates."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f.read().splitlines()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f.read().splitlines()]
+    except FileNotFoundError:
+        raise MissingPathError(f"file not found: {path}") from None
 
 
 def read_dataset_type(root: str | os.PathLike) -> str:
@@ -135,7 +155,7 @@ def read_dataset_type(root: str | os.PathLike) -> str:
         return CLASSIFICATION
     value = path.read_text(encoding="utf-8").strip().lower()
     if value not in DATASET_TYPES:
-        raise ValueError(f"{path}: dataset type {value!r} is not supported; valid: {', '.join(DATASET_TYPES)}")
+        raise UserError(f"{path}: dataset type {value!r} is not supported; valid: {', '.join(DATASET_TYPES)}")
     return value
 
 
@@ -143,14 +163,14 @@ def read_nshards(root: str | os.PathLike, split: str = EVAL_SPLIT) -> int:
     """The shard count in ``ROOT/SPLIT/nshards.txt``; a clear error when missing or not a positive integer."""
     path = Path(root) / split / NSHARDS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: not a CLIP_benchmark webdataset set (split {split!r})")
+        raise MissingPathError(f"{path} is missing: not a CLIP_benchmark webdataset set (split {split!r})")
     text = path.read_text(encoding="utf-8").strip()
     try:
         nshards = int(text)
     except ValueError:
-        raise ValueError(f"{path}: expected a positive integer shard count, got {text!r}") from None
+        raise UserError(f"{path}: expected a positive integer shard count, got {text!r}") from None
     if nshards < 1:
-        raise ValueError(f"{path}: expected a positive integer shard count, got {nshards}")
+        raise UserError(f"{path}: expected a positive integer shard count, got {nshards}")
     return nshards
 
 
@@ -162,5 +182,5 @@ def read_sizes(directory: str | os.PathLike) -> dict[str, int] | None:
     with open(path, encoding="utf-8") as f:
         sizes = json.load(f)
     if not isinstance(sizes, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping shard file name to sample count")
+        raise UserError(f"{path}: expected a JSON object mapping shard file name to sample count")
     return {str(name): int(count) for name, count in sizes.items()}

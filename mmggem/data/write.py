@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..fileio import atomic_directory
+from ..errors import MissingPathError, UsageError, UserError
 from . import formats
 
 CAPTION_FILE_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
@@ -94,18 +95,31 @@ class WriteReport:
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
 
-    def summary(self, max_items: int = 5) -> str:
-        """Human-readable lines: counts, location, then each skip reason with a few examples."""
-        lines = [f"wrote {self.kind}: {self.samples} samples in {self.shards} shard(s) to {self.out}"]
+    def skip_lines(self, max_items: int = 5) -> list[str]:
+        """One ``skipped N (reason): first, items, ...`` per skip reason, reasons sorted."""
+        lines = []
         for reason, count in sorted(self.skipped_by_reason().items()):
             items = [s.item for s in self.skipped if s.reason == reason]
             shown = ", ".join(items[:max_items]) + (", ..." if len(items) > max_items else "")
-            lines.append(f"  skipped {count} ({reason}): {shown}")
-        return "\n".join(lines)
+            lines.append(f"skipped {count} ({reason}): {shown}")
+        return lines
+
+    def summary(self, max_items: int = 5) -> str:
+        """Human-readable lines: counts, location, then each skip reason with a few examples."""
+        lines = [f"wrote {self.kind}: {self.samples} samples in {self.shards} shard(s) to {self.out}"]
+        return "\n".join(lines + [f"  {line}" for line in self.skip_lines(max_items)])
 
 
 class ImageError(ValueError):
     """An input image that cannot be stored; the message is the skip reason."""
+
+
+class NothingToWrite(UserError):
+    """No usable sample reached a writer, so it wrote nothing; ``what`` names the kind of sample."""
+
+    def __init__(self, what: str, directory: Path) -> None:
+        super().__init__(f"no usable {what} to write into {directory}")
+        self.what = what
 
 
 class _Shards:
@@ -113,7 +127,7 @@ class _Shards:
 
     def __init__(self, directory: Path, name: Callable[[int], str], per_shard: int):
         if per_shard < 1:
-            raise ValueError(f"samples per shard must be at least 1, got {per_shard}")
+            raise UsageError(f"samples per shard must be at least 1, got {per_shard}")
         self.directory, self.name, self.per_shard = directory, name, per_shard
         self.counts: dict[str, int] = {}
         self._writer: wds.TarWriter | None = None
@@ -151,7 +165,7 @@ def write_training_shards(
     finally:
         shards.close()
     if not shards.counts:
-        raise ValueError(f"no usable (image, caption) pair to write into {directory}")
+        raise NothingToWrite("(image, caption) pair", directory)
     (Path(directory) / formats.SIZES_FILE).write_text(json.dumps(shards.counts, indent=1) + "\n")
     return shards.counts
 
@@ -166,7 +180,7 @@ def _write_eval_shards(directory: Path, records: Iterable[dict], samples_per_sha
     finally:
         shards.close()
     if not shards.counts:
-        raise ValueError(f"no usable sample to write into {directory}")
+        raise NothingToWrite("sample", directory)
     (split_dir / formats.NSHARDS_FILE).write_text(f"{len(shards.counts)}\n")
     return shards.counts
 
@@ -183,10 +197,10 @@ def write_classification_set(
     samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
 ) -> dict[str, int]:
     """Write a CLIP_benchmark classification set into an existing ``directory``; return shard name -> count."""
-    check_templates(templates)
+    formats.check_templates(templates, "zero-shot templates")
     for name in classnames:
         if not name.strip() or "\n" in name:
-            raise ValueError(f"class name {name!r} must be non-empty and on one line")
+            raise UserError(f"class name {name!r} must be non-empty and on one line")
     records = ({sample.image.ext: sample.image.data, formats.LABEL_KEY: int(sample.label)} for sample in samples)
     counts = _write_eval_shards(directory, records, samples_per_shard)
     _write_lines(Path(directory) / formats.DATASET_TYPE_FILE, [formats.CLASSIFICATION])
@@ -204,15 +218,6 @@ def write_retrieval_set(
     counts = _write_eval_shards(directory, records, samples_per_shard)
     _write_lines(Path(directory) / formats.DATASET_TYPE_FILE, [formats.RETRIEVAL])
     return counts
-
-
-def check_templates(templates: Sequence[str]) -> None:
-    """Raise a ValueError naming the first template without the ``{c}`` placeholder."""
-    if not templates:
-        raise ValueError("at least one zero-shot template is needed")
-    for number, template in enumerate(templates, start=1):
-        if formats.CLASS_PLACEHOLDER not in template:
-            raise ValueError(f"template {number} {template!r} has no {formats.CLASS_PLACEHOLDER} for the class name")
 
 
 # --- reading inputs ------------------------------------------------------------------------------
@@ -258,17 +263,19 @@ def read_caption_rows(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in CAPTION_FILE_SUFFIXES:
-        raise ValueError(f"{path}: caption file must end in one of {', '.join(CAPTION_FILE_SUFFIXES)}")
+        raise UserError(f"{path}: caption file must end in one of {', '.join(CAPTION_FILE_SUFFIXES)}")
     try:
         text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise MissingPathError(f"caption file not found: {path}") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+        raise UserError(f"{path}: not UTF-8 text ({error})") from None
     if suffix == ".jsonl":
         return _jsonl_rows(path, text, file_column, caption_column)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CAPTION_FILE_SUFFIXES[suffix])
     missing = [c for c in (file_column, caption_column) if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}: header has columns {reader.fieldnames}, missing {missing}; "
+        raise UserError(f"{path}: header has columns {reader.fieldnames}, missing {missing}; "
                          "name the columns with --file-column / --caption-column")
     return [CaptionRow(str(row[file_column] or ""), str(row[caption_column] or ""), reader.line_num) for row in reader]
 
@@ -281,9 +288,9 @@ def _jsonl_rows(path: Path, text: str, file_column: str, caption_column: str) ->
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON object ({error})") from None
+            raise UserError(f"{path}:{number}: not a JSON object ({error})") from None
         if not isinstance(obj, dict) or file_column not in obj or caption_column not in obj:
-            raise ValueError(f"{path}:{number}: expected an object with keys {file_column!r} and {caption_column!r}; "
+            raise UserError(f"{path}:{number}: expected an object with keys {file_column!r} and {caption_column!r}; "
                              "name them with --file-column / --caption-column")
         captions = obj[caption_column] if isinstance(obj[caption_column], list) else [obj[caption_column]]
         rows.extend(CaptionRow(str(obj[file_column]), str(caption), number) for caption in captions)
@@ -299,7 +306,7 @@ def _image_files(directory: Path) -> list[Path]:
 def _require_dir(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is not a directory of images")
+        raise MissingPathError(f"{directory} is not a directory of images")
     return directory
 
 
@@ -354,9 +361,17 @@ def _captioned_images(images: Path, captions: str | os.PathLike, file_column: st
 
 
 def _write_atomically(report: WriteReport, overwrite: bool, write: Callable[[Path], dict[str, int]]) -> WriteReport:
-    """Run ``write`` on a staging folder that becomes ``report.out`` only when complete; count what it wrote."""
-    with atomic_directory(report.out, overwrite) as tmp:
-        counts = write(tmp)
+    """Run ``write`` on a staging folder that becomes ``report.out`` only when complete; count what it wrote.
+
+    When no input was usable the error names ``report.out`` (not the staging folder, which is gone) and
+    why each input was skipped.
+    """
+    try:
+        with atomic_directory(report.out, overwrite) as tmp:
+            counts = write(tmp)
+    except NothingToWrite as error:
+        reasons = "; ".join(report.skip_lines()) or "the input lists none"
+        raise UserError(f"nothing written to {report.out}: no usable {error.what} ({reasons})") from None
     report.samples, report.shards = sum(counts.values()), len(counts)
     return report
 
@@ -387,11 +402,11 @@ def class_folders(images: Path) -> list[tuple[str, Path]]:
     """(class name, folder) per non-hidden sub-folder, sorted by folder name; '_' in a name becomes a space."""
     folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"{images} has no sub-folders; expected one sub-folder of images per class")
+        raise UserError(f"{images} has no sub-folders; expected one sub-folder of images per class")
     named = [(p.name.replace("_", " ").strip(), p) for p in folders]
     duplicates = [name for name, count in Counter(name for name, _ in named).items() if count > 1]
     if duplicates:
-        raise ValueError(f"{images}: several folders give the class name(s) {duplicates}")
+        raise UserError(f"{images}: several folders give the class name(s) {duplicates}")
     return named
 
 
@@ -410,7 +425,7 @@ def build_classification_set(
     """
     images = _require_dir(images)
     templates = list(templates) if templates is not None else list(formats.DEFAULT_TEMPLATES)
-    check_templates(templates)
+    formats.check_templates(templates, "zero-shot templates")
     report = WriteReport(Path(out), "classification set")
     classes = class_folders(images)
     report.skipped.extend(Skipped(p.name, "not in a class folder") for p in images.iterdir()

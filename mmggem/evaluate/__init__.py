@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from ..data import formats
+from ..errors import MissingPathError, UsageError, UserError
 from .dataset import Encoding, Processes, open_eval_set
 from .metadata import resolve_metadata
 from .results import DEFAULT_RECALL_K, ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, EvalResult
@@ -76,7 +77,7 @@ def evaluate_dataset(
     evalset = open_eval_set(dataset_dir)
     found = TASKS[evalset.dataset_type]
     if task is not None and task != found:
-        raise ValueError(f"{dataset_dir}: a {evalset.dataset_type} set ({formats.DATASET_TYPE_FILE}), "
+        raise UserError(f"{dataset_dir}: a {evalset.dataset_type} set ({formats.DATASET_TYPE_FILE}), "
                          f"not one for {task}")
     processes = Processes(accelerator)
     encoding = Encoding(
@@ -120,11 +121,11 @@ class LoadedModel:
 def load_model(checkpoint: str, pretrained: str | None = None) -> LoadedModel:
     """Open an mmggem model folder, or ``open_clip:NAME`` with ``pretrained`` = an open_clip checkpoint file.
 
-    Raises ValueError when the weights do not fit the architecture, naming both.
+    Raises UserError when the weights do not fit the architecture, naming both.
     """
     if not checkpoint.startswith(OPEN_CLIP_PREFIX):
         if pretrained is not None:
-            raise ValueError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is an mmggem model folder")
+            raise UsageError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is an mmggem model folder")
         from ..model import load
 
         model, preprocess, tokenizer = load(checkpoint)
@@ -138,14 +139,14 @@ def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
     from ..model import MODEL_CONFIG_DIR
 
     if pretrained is None or not Path(pretrained).is_file():
-        raise FileNotFoundError(f"open_clip:{name} needs --pretrained FILE, an open_clip checkpoint; got {pretrained!r}")
+        raise MissingPathError(f"open_clip:{name} needs --pretrained FILE, an open_clip checkpoint; got {pretrained!r}")
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     if name not in open_clip.list_models():
-        raise ValueError(f"open_clip has no model {name!r}; known: {', '.join(open_clip.list_models())}")
+        raise UserError(f"open_clip has no model {name!r}; known: {', '.join(open_clip.list_models())}")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's loader raises all three on a mismatch
         detail = str(error)[:2000] or type(error).__name__
-        raise ValueError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
+        raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import formats
+from ..errors import MissingPathError, UserError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -108,12 +109,12 @@ class EvalSet:
 def open_eval_set(root: str | Path, split: str = formats.EVAL_SPLIT) -> EvalSet:
     """Scan the set in ``root`` (headers and labels or captions only; no image is decoded).
 
-    Raises FileNotFoundError for a missing folder, ``nshards.txt`` or shard, and ValueError
+    Raises MissingPathError for a missing folder, ``nshards.txt`` or shard, and UserError
     for a set with no usable sample or a sample that would make a metric wrong.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"evaluation set folder not found: {root}")
+        raise MissingPathError(f"evaluation set folder not found: {root}")
     dataset_type = formats.read_dataset_type(root)
     nshards = formats.read_nshards(root, split)
     samples: list[Sample] = []
@@ -121,12 +122,12 @@ def open_eval_set(root: str | Path, split: str = formats.EVAL_SPLIT) -> EvalSet:
     for index in range(nshards):
         shard = root / split / formats.eval_shard_name(index)
         if not shard.is_file():
-            raise FileNotFoundError(f"{shard} is missing ({root / split / formats.NSHARDS_FILE} says {nshards} shards)")
+            raise MissingPathError(f"{shard} is missing ({root / split / formats.NSHARDS_FILE} says {nshards} shards)")
         for key, members, tar in _grouped_members(shard):
             _add_sample(shard, key, members, tar, dataset_type, samples, skips)
     if not samples:
         detail = f" ({skips.describe()})" if skips.counts else ""
-        raise ValueError(f"{root / split}: no usable sample in {nshards} shard(s){detail}")
+        raise UserError(f"{root / split}: no usable sample in {nshards} shard(s){detail}")
     return EvalSet(
         root=root,
         dataset_type=dataset_type,
@@ -147,7 +148,7 @@ def _grouped_members(shard: Path) -> Iterator[tuple[str, dict[str, tarfile.TarIn
     try:
         tar = tarfile.open(shard, mode="r:")
     except tarfile.TarError as error:
-        raise ValueError(f"{shard}: not a readable uncompressed tar file ({error})") from None
+        raise UserError(f"{shard}: not a readable uncompressed tar file ({error})") from None
     with tar:
         key: str | None = None
         members: dict[str, tarfile.TarInfo] = {}
@@ -159,17 +160,17 @@ def _grouped_members(shard: Path) -> Iterator[tuple[str, dict[str, tarfile.TarIn
                 if match is None:
                     continue
                 if info.offset_data + info.size > shard_bytes:
-                    raise ValueError(f"{shard}: truncated; member {info.name!r} ends past the end of the file")
+                    raise UserError(f"{shard}: truncated; member {info.name!r} ends past the end of the file")
                 member_key, extension = match.group(1), match.group(2).lower()
                 if member_key != key:
                     if members:
                         yield key, members, tar
                     key, members = member_key, {}
                 if extension in members:
-                    raise ValueError(f"{shard}: sample {key!r} has two {extension!r} members")
+                    raise UserError(f"{shard}: sample {key!r} has two {extension!r} members")
                 members[extension] = info
         except tarfile.TarError as error:
-            raise ValueError(f"{shard}: corrupt tar file ({error})") from None
+            raise UserError(f"{shard}: corrupt tar file ({error})") from None
         _check_end_of_archive(shard, tar.offset)
         if members:
             yield key, members, tar
@@ -185,7 +186,7 @@ def _check_end_of_archive(shard: Path, end: int) -> None:
         f.seek(end)
         rest = f.read()
     if len(rest) < tarfile.BLOCKSIZE or rest.strip(b"\0"):
-        raise ValueError(f"{shard}: truncated or corrupt after byte {end} (no end-of-archive marker)")
+        raise UserError(f"{shard}: truncated or corrupt after byte {end} (no end-of-archive marker)")
 
 
 def _add_sample(
@@ -212,7 +213,7 @@ def _add_sample(
         try:
             captions = formats.split_captions(text.decode("utf-8"))
         except UnicodeDecodeError as error:
-            raise ValueError(f"{where}.{formats.CAPTION_KEY}: captions are not UTF-8 ({error})") from None
+            raise UserError(f"{where}.{formats.CAPTION_KEY}: captions are not UTF-8 ({error})") from None
         samples.append(Sample(**place, captions=tuple(captions)))
     else:
         if formats.LABEL_KEY not in members:
@@ -222,7 +223,7 @@ def _add_sample(
         try:
             label = int(raw)
         except ValueError:
-            raise ValueError(f"{where}.{formats.LABEL_KEY}: label {raw[:40]!r} is not an integer class index") from None
+            raise UserError(f"{where}.{formats.LABEL_KEY}: label {raw[:40]!r} is not an integer class index") from None
         samples.append(Sample(**place, label=label))
 
 
@@ -373,7 +374,7 @@ def encode_images(
 ) -> ImageFeatures:
     """Each process encodes its block of images; every process gets all features, on the CPU.
 
-    Raises ValueError when no image of the set decodes.
+    Raises UserError when no image of the set decodes.
     """
     device = encoding.device
     batches = loader(evalset, preprocess, processes, batch_size=encoding.batch_size,
@@ -390,7 +391,7 @@ def encode_images(
     parts = processes.gather([(torch.cat(indices), torch.cat(features))] if features else [])
     skips = _all_skips(evalset, processes.gather(failures), processes)
     if not parts:
-        raise ValueError(f"{evalset.root}: no image could be decoded ({skips.describe()})")
+        raise UserError(f"{evalset.root}: no image could be decoded ({skips.describe()})")
     return ImageFeatures(torch.cat([i for i, _ in parts]), torch.cat([f for _, f in parts]), skips)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from ..data import formats
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,12 @@ def resolve_metadata(
     """The class names and templates to use: the set's own where given, else the built-in ones of ``name``.
 
     ``source`` names where the set's own lists come from (its folder), for error messages.
-    Raises ValueError when a list is missing with no built-in fallback, or is malformed.
+    Raises UserError when a list is missing with no built-in fallback, or is malformed.
     """
     fallback = builtin_metadata(name)
     if (classnames is None or templates is None) and fallback is None:
         missing = formats.CLASSNAMES_FILE if classnames is None else formats.TEMPLATES_FILE
-        raise ValueError(
+        raise UserError(
             f"{source}: {missing} is missing and {name!r} has no built-in class names and templates "
             f"(built-in: {', '.join(builtin_names())}); add the file to the set"
         )
@@ -134,31 +135,13 @@ def resolve_metadata(
         classnames_source,
     )
     _check_classnames(metadata.classnames, classnames_source)
-    _check_templates(metadata.templates, templates_source)
+    formats.check_templates(metadata.templates, templates_source)
     return metadata
 
 
 def _check_classnames(classnames: tuple[str, ...], source: str) -> None:
     if not classnames:
-        raise ValueError(f"{source}: no class names")
+        raise UserError(f"{source}: no class names")
     for line, classname in enumerate(classnames, start=1):
         if not classname:
-            raise ValueError(f"{source}: line {line} is an empty class name")
-
-
-def _check_templates(templates: tuple[str, ...], source: str) -> None:
-    if not templates:
-        raise ValueError(f"{source}: no templates")
-    for line, template in enumerate(templates, start=1):
-        if formats.CLASS_PLACEHOLDER not in template:
-            raise ValueError(
-                f"{source}: line {line} template {template!r} has no {formats.CLASS_PLACEHOLDER} placeholder "
-                f"(write e.g. 'a photo of a {formats.CLASS_PLACEHOLDER}.')"
-            )
-        try:
-            template.format(c="x")
-        except (IndexError, KeyError, ValueError) as error:
-            raise ValueError(
-                f"{source}: line {line} template {template!r} is not a format string with only "
-                f"{formats.CLASS_PLACEHOLDER} ({type(error).__name__}: {error}); write literal braces as {{{{ }}}}"
-            ) from None
+            raise UserError(f"{source}: line {line} is an empty class name")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import MissingPathError, UsageError, UserError
 from ..fileio import write_text_atomic
 
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
@@ -68,7 +69,7 @@ def output_path(pattern: str, record: dict[str, Any]) -> Path:
     try:
         return Path(pattern.format(**{name: value.replace("/", "_") for name, value in values.items()}))
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(
+        raise UsageError(
             f"output pattern {pattern!r} is not valid ({type(error).__name__}: {error}); "
             f"placeholders: {', '.join('{' + name + '}' for name in OUTPUT_FIELDS)}"
         ) from None
@@ -87,12 +88,12 @@ def read_result(path: str | Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a JSON result file ({error})") from None
+        raise UserError(f"{path}: not a JSON result file ({error})") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
     if missing:
-        raise ValueError(f"{path}: not a CLIP_benchmark result, missing {', '.join(missing)}")
+        raise UserError(f"{path}: not a CLIP_benchmark result, missing {', '.join(missing)}")
     if not isinstance(record["metrics"], dict):
-        raise ValueError(f"{path}: 'metrics' must be an object of metric name to value")
+        raise UserError(f"{path}: 'metrics' must be an object of metric name to value")
     return record
 
 
@@ -131,10 +132,10 @@ def summary_rows(results_dir: str | Path) -> list[dict[str, Any]]:
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise FileNotFoundError(f"results folder not found: {results_dir}")
+        raise MissingPathError(f"results folder not found: {results_dir}")
     files = sorted(results_dir.glob("*.json"))
     if not files:
-        raise ValueError(f"{results_dir}: no *.json result files")
+        raise UserError(f"{results_dir}: no *.json result files")
     rows = []
     for path in files:
         record = read_result(path)

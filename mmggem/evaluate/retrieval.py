@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import UsageError, UserError
+
 from .dataset import Encoding, EvalSet, Processes, encode_images, encode_texts
 from .results import DEFAULT_RECALL_K, ZEROSHOT_RETRIEVAL, EvalResult
 
@@ -61,12 +63,12 @@ def evaluate_retrieval(
 ) -> EvalResult:
     """Retrieval between the images of ``evalset`` and their captions; every process returns the same result."""
     if not recall_k or min(recall_k) < 1:
-        raise ValueError(f"recall@k needs positive k values, got {list(recall_k)}")
+        raise UsageError(f"recall@k needs positive k values, got {list(recall_k)}")
     images = encode_images(model, evalset, preprocess, processes, encoding)
     captions = [evalset.samples[i].captions for i in images.indices.tolist()]
     texts = [text for image_captions in captions for text in image_captions]
     if not texts:
-        raise ValueError(f"{evalset.root}: no sample has a caption; a retrieval set needs captions in its txt members")
+        raise UserError(f"{evalset.root}: no sample has a caption; a retrieval set needs captions in its txt members")
     text_image = torch.tensor([row for row, image_captions in enumerate(captions) for _ in image_captions])
     text_features = encode_texts(model, tokenizer, texts, processes, encoding)
     return EvalResult(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..data import formats
+from ..errors import UserError
 from .dataset import Encoding, EvalSet, Processes, Sample, encode_images, encode_texts
 from .metadata import ClassMetadata
 from .results import ZEROSHOT_CLASSIFICATION, EvalResult
@@ -35,7 +36,7 @@ def check_labels(samples: Sequence[Sample], metadata: ClassMetadata) -> None:
     num_classes = len(metadata.classnames)
     for sample in samples:
         if not 0 <= sample.label < num_classes:
-            raise ValueError(
+            raise UserError(
                 f"{sample.where}.{formats.LABEL_KEY}: label {sample.label} is not covered by the {num_classes} "
                 f"class names of {metadata.classnames_source} (valid labels: 0..{num_classes - 1})"
             )
