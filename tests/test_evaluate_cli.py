@@ -1,6 +1,7 @@
 """`mmggem eval`: open_clip baselines through the same code, result files, the table, the summary CSV."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from mmggem.cli import main as cli_main
+from mmggem.evaluate import evaluate_dataset
 from test_evaluate_parity import (
     NAME, assert_same_metrics, classification_set, clip_benchmark_metrics, retrieval_set, spread_model,
 )
@@ -27,9 +29,10 @@ def open_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return path, model, preprocess, tokenizer
 
 
-def test_open_clip_checkpoint_with_default_settings_matches_clip_benchmark_defaults(
+def test_open_clip_checkpoint_in_fp32_by_default_on_a_cpu_and_with_autocast_when_forced(
     tmp_path: Path, open_clip_checkpoint: tuple, capsys: pytest.CaptureFixture
 ) -> None:
+    """On a CPU the default is fp32 (CLIP_benchmark with --no_amp); --amp gives CLIP_benchmark's default (bf16)."""
     weights, model, preprocess, tokenizer = open_clip_checkpoint
     root = classification_set(tmp_path / "shapes", n=21, seed=21)
     (tmp_path / "results").mkdir()
@@ -39,19 +42,37 @@ def test_open_clip_checkpoint_with_default_settings_matches_clip_benchmark_defau
     assert code == 0
     path = tmp_path / "results" / f"shapes_tiny.pt_{NAME}_en_zeroshot_classification.json"  # CLIP_benchmark's naming
     record = json.loads(path.read_text())
-    assert list(record) == ["dataset", "model", "pretrained", "task", "metrics", "language", "num_samples", "skipped"]
+    assert list(record) == ["dataset", "model", "pretrained", "task", "metrics", "language", "num_samples", "skipped",
+                            "precision"]
     assert (record["dataset"], record["model"], record["pretrained"]) == ("shapes", NAME, str(weights))
-    assert (record["task"], record["language"], record["num_samples"], record["skipped"]) == (
-        "zeroshot_classification", "en", 21, {})
-    # CLIP_benchmark's defaults: autocast on (bfloat16 on a CPU)
+    assert (record["task"], record["language"], record["num_samples"], record["skipped"], record["precision"]) == (
+        "zeroshot_classification", "en", 21, {}, "fp32")
     assert_same_metrics(record["metrics"], clip_benchmark_metrics(model, root, preprocess, tokenizer, batch_size=8,
-                                                                  amp=True))
+                                                                  amp=False))
     out = capsys.readouterr().out
     assert f"shapes: wrote {path}" in out
     header, row = out.strip().splitlines()[-2:]
     assert header.split() == ["dataset", "task", "samples", "skipped", "acc1", "acc5", "mean_per_class_recall"]
     assert row.split() == ["shapes", "zeroshot_classification", "21", "0",
                            *(f"{record['metrics'][k]:.4f}" for k in ("acc1", "acc5", "mean_per_class_recall"))]
+
+    forced = tmp_path / "forced.json"
+    assert cli_main(["eval", "zeroshot", "--checkpoint", f"open_clip:{NAME}", "--pretrained", str(weights),
+                     "--dataset", str(root), "--output", str(forced), "--batch-size", "8", "--num-workers", "1",
+                     "--quiet", "--amp"]) == 0
+    record = json.loads(forced.read_text())
+    assert record["precision"] == "amp_bf16"
+    assert_same_metrics(record["metrics"], clip_benchmark_metrics(model, root, preprocess, tokenizer, batch_size=8,
+                                                                  amp=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_autocast_is_the_default_on_cuda(tmp_path: Path, open_clip_checkpoint: tuple) -> None:
+    _, model, preprocess, tokenizer = open_clip_checkpoint
+    root = classification_set(tmp_path / "shapes", n=9, seed=3)
+    result = evaluate_dataset(copy.deepcopy(model).cuda(), root, preprocess, tokenizer, device="cuda",
+                              num_workers=0, progress=False)
+    assert result.precision == "amp_fp16"
 
 
 def test_retrieval_results_over_several_sets_and_their_summary_csv(
@@ -81,8 +102,9 @@ def test_retrieval_results_over_several_sets_and_their_summary_csv(
         record = records[row["dataset"]]
         assert row["model_fullname"] == f"{NAME} {weights}" and row["skipped"] == "0"
         assert {key: float(row[key]) for key in record["metrics"]} == record["metrics"]
-    assert list(rows[0])[:8] == ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped",
-                                 "model_fullname"]
+    assert list(rows[0])[:9] == ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped",
+                                 "precision", "model_fullname"]
+    assert [row["precision"] for row in rows] == ["fp32", "fp32"]
 
 
 def test_summary_names_a_file_that_is_not_a_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

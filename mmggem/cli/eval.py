@@ -39,8 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "or an existing folder (default: %(default)s)")
         sub.add_argument("--batch-size", type=int, default=64)
         sub.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
-        sub.add_argument("--no-amp", dest="amp", action="store_false",
-                         help="run in full precision (default: torch.autocast, as CLIP_benchmark)")
+        sub.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.autocast around the model (--amp) or fp32 (--no-amp); default: autocast on "
+                              "CUDA, as CLIP_benchmark, and fp32 on a CPU, where autocast means bf16: slower "
+                              "without bf16 units, and the numbers move. The result JSON's 'precision' says which")
         sub.add_argument("--language", default="en", help="recorded in the result, as CLIP_benchmark's --language")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.set_defaults(func=run_eval, task=task, recall_k=list(DEFAULT_RECALL_K))

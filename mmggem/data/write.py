@@ -276,7 +276,7 @@ def read_caption_rows(
     missing = [c for c in (file_column, caption_column) if c not in (reader.fieldnames or [])]
     if missing:
         raise UserError(f"{path}: header has columns {reader.fieldnames}, missing {missing}; "
-                         "name the columns with --file-column / --caption-column")
+                        "name the columns with --file-column / --caption-column")
     return [CaptionRow(str(row[file_column] or ""), str(row[caption_column] or ""), reader.line_num) for row in reader]
 
 
@@ -291,7 +291,7 @@ def _jsonl_rows(path: Path, text: str, file_column: str, caption_column: str) ->
             raise UserError(f"{path}:{number}: not a JSON object ({error})") from None
         if not isinstance(obj, dict) or file_column not in obj or caption_column not in obj:
             raise UserError(f"{path}:{number}: expected an object with keys {file_column!r} and {caption_column!r}; "
-                             "name them with --file-column / --caption-column")
+                            "name them with --file-column / --caption-column")
         captions = obj[caption_column] if isinstance(obj[caption_column], list) else [obj[caption_column]]
         rows.extend(CaptionRow(str(obj[file_column]), str(caption), number) for caption in captions)
     return rows

@@ -55,7 +55,7 @@ def evaluate_dataset(
     num_workers: int = 4,
     device: str | torch.device | None = None,
     accelerator: "Accelerator | None" = None,
-    amp: bool = True,
+    amp: bool | None = None,
     recall_k: Sequence[int] = DEFAULT_RECALL_K,
     name: str | None = None,
     progress: bool = True,
@@ -67,7 +67,10 @@ def evaluate_dataset(
             a set of the other type is an error. None accepts either.
         device: where the model runs; default the accelerator's device, else CUDA when available.
         accelerator: split the set over its processes and gather (all processes must call).
-        amp: ``torch.autocast`` around the model, as CLIP_benchmark's default (its ``--no_amp`` is False).
+        amp: ``torch.autocast`` around the model (True) or full fp32 (False). None, the default, is autocast
+            on CUDA, as CLIP_benchmark's default and faster there, and fp32 on other devices: autocast on a
+            CPU means bf16, which is slower without bf16 units and moves the numbers. The result's
+            ``precision`` says which one ran.
         recall_k: the k of Recall@k for retrieval.
         name: the dataset name in the result and for built-in class names (default: the folder's name).
         progress: a progress bar on the main process.
@@ -78,11 +81,12 @@ def evaluate_dataset(
     found = TASKS[evalset.dataset_type]
     if task is not None and task != found:
         raise UserError(f"{dataset_dir}: a {evalset.dataset_type} set ({formats.DATASET_TYPE_FILE}), "
-                         f"not one for {task}")
+                        f"not one for {task}")
     processes = Processes(accelerator)
+    device = torch.device(device) if device is not None else _default_device(accelerator)
     encoding = Encoding(
-        device=torch.device(device) if device is not None else _default_device(accelerator),
-        amp=amp,
+        device=device,
+        amp=amp if amp is not None else device.type == "cuda",
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,

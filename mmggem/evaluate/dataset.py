@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 # webdataset's rules: key = everything up to the first dot of the base name; "__x__" members are metadata.
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
@@ -353,6 +355,14 @@ class Encoding:
     batch_size: int
     num_workers: int
     progress: bool
+
+    @property
+    def precision(self) -> str:
+        """What the numbers are computed in, for the result: ``fp32``, or ``amp_`` + autocast's dtype here."""
+        if not self.amp:
+            return "fp32"
+        dtype = torch.get_autocast_dtype(self.device.type)
+        return "amp_" + _SHORT_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 @dataclass

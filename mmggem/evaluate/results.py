@@ -2,8 +2,9 @@
 
 A result file holds CLIP_benchmark's keys (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics``, ``language``), so tools reading CLIP_benchmark output read
-mmggem's, plus ``num_samples`` and ``skipped`` (samples left out, by reason) so a
-number is never shown without what it was computed on.
+mmggem's, plus ``num_samples``, ``skipped`` (samples left out, by reason) and
+``precision`` (``fp32``, or ``amp_bf16`` / ``amp_fp16`` for autocast) so a number is
+never shown without what it was computed on and how.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class EvalResult:
     task: str
     metrics: dict[str, float]
     num_samples: int
+    precision: str
     skipped: dict[str, int] = field(default_factory=dict)
 
     def record(self, *, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
@@ -55,6 +57,7 @@ class EvalResult:
             "language": language,
             "num_samples": self.num_samples,
             "skipped": dict(self.skipped),
+            "precision": self.precision,
         }
 
 
@@ -149,7 +152,8 @@ def summary_rows(results_dir: str | Path) -> list[dict[str, Any]]:
 
 def write_summary_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write summary rows as CSV (schema columns first, then metrics sorted), atomically."""
-    leading = ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped", "model_fullname"]
+    leading = ["dataset", "model", "pretrained", "task", "language", "num_samples", "skipped", "precision",
+               "model_fullname"]
     leading = [name for name in leading if any(name in row for row in rows)]
     rest = sorted({name for row in rows for name in row} - set(leading))
     buffer = io.StringIO()

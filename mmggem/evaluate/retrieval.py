@@ -76,5 +76,6 @@ def evaluate_retrieval(
         task=ZEROSHOT_RETRIEVAL,
         metrics=retrieval_metrics(images.features, text_features, text_image, recall_k, encoding.device),
         num_samples=len(captions),
+        precision=encoding.precision,
         skipped=dict(images.skips.counts),
     )

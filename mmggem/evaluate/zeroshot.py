@@ -116,5 +116,6 @@ def evaluate_zeroshot(
         task=ZEROSHOT_CLASSIFICATION,
         metrics=classification_metrics(logits, target, len(metadata.classnames)),
         num_samples=len(target),
+        precision=encoding.precision,
         skipped=dict(images.skips.counts),
     )
