@@ -1,11 +1,21 @@
 """When a run stops early: a chosen step, a wall-clock budget, or a signal.
 
 SLURM sends SIGUSR1 ahead of a time limit (``--signal=USR1@120``) and SIGTERM on
-preemption; users press Ctrl-C (SIGINT). The handlers only raise a flag: the
-step in flight finishes, then every process agrees through one all-reduce, so a
-signal that reached a single rank still stops all of them at the same step and
-none waits on another. A second signal while the checkpoint is written only
-raises the flag again and cannot interrupt the save.
+preemption; users press Ctrl-C (SIGINT). The handlers only raise a flag. The
+processes must agree on the step to stop at, or one would wait forever in a
+collective the others never join; but a blocking all-reduce and a read of its
+result after every step would stall the host each step. So the agreement is
+read one step late: after step ``s`` every process starts an asynchronous
+all-reduce (MAX) of its flag, and after step ``s + 1`` it reads the result.
+Every process reads the same value after the same step, so a signal that
+reached one rank stops all of them after the same step, at most two steps after
+it arrived.
+
+The flag travels over a gloo group on a buffer that lives in host memory: no
+device value is read, and with NCCL training the exchange never waits for the
+GPU. A second signal while the checkpoint is written only raises the flag again
+and cannot interrupt the save. ``train.stop_at_step`` needs no exchange: every
+process knows the step.
 """
 from __future__ import annotations
 
@@ -15,20 +25,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+import numpy as np
 import torch
-from accelerate import Accelerator
+import torch.distributed as dist
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal or train.time_limit; resume with train.resume=latest
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_REASONS = {0: None, 2: "time_limit", 3: "signal"}  # MAX over processes: a signal wins over the clock
 
 
 class StopControl:
-    """Decides, identically on every process, whether training stops after a step."""
+    """Decides, identically on every process, whether training stops after a step.
+
+    Build it on every process after the process group exists (it creates a gloo group when there
+    are several processes: a collective call).
+    """
 
     def __init__(self, stop_at_step: int | None, time_limit_s: float | None) -> None:
         self.stop_at_step = stop_at_step
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.signal_name: str | None = None
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._group = dist.new_group(backend="gloo") if self._distributed else None
+        self._flag = np.zeros(1, dtype=np.int64)  # host memory the all-reduce writes into
+        self._pending: dist.Work | None = None
 
     @contextmanager
     def catching_signals(self) -> Iterator[None]:
@@ -43,20 +63,35 @@ class StopControl:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def check(self, step: int, accelerator: Accelerator) -> str | None:
+    def _local_code(self) -> int:
+        if self.signal_name is not None:
+            return 3
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return 2
+        return 0
+
+    def check(self, step: int) -> str | None:
         """The reason to stop after ``step`` (``"stop_at_step"``, ``"time_limit"``, ``"signal"``) or None.
 
-        Collective: every process must call it after every step.
+        Every process must call it after every step (with several processes it joins the exchange).
         """
-        local = 0
-        if self.signal_name is not None:
-            local = 3
-        elif self.deadline is not None and time.monotonic() >= self.deadline:
-            local = 2
-        flag = torch.tensor([local], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="max")
-        code = int(flag.item())
+        if not self._distributed:
+            code = self._local_code()
+        else:
+            code = 0
+            if self._pending is not None:  # the exchange started after the previous step
+                self._pending.wait()
+                self._pending, code = None, int(self._flag[0])
+            if code == 0:
+                self._flag[0] = self._local_code()
+                self._pending = dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX,
+                                                group=self._group, async_op=True)
         if code == 0 and self.stop_at_step is not None and step >= self.stop_at_step:
             return "stop_at_step"
-        return {0: None, 2: "time_limit", 3: "signal"}[code]
+        return _REASONS[code]
+
+    def close(self) -> None:
+        """Finish an exchange still in flight (every process, once training is over)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None

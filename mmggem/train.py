@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import RunConfig, parse_duration, save_config, to_dict
+from .data.device import DeviceNormalizer, split_transform, to_device
 from .data.loader import TrainLoader
 from .evaluate import evaluate_dataset
 from .evaluate.results import EvalResult
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
 from .model import create_model, get_tokenizer, image_transform, save_model
+from .nonfinite import NonFiniteSteps, full_tensor
 from .optim import build_optimizer, cosine_schedule
 from .stopping import EXIT_REQUEUE, StopControl
 from .tracking import RunLog, init_wandb
@@ -101,26 +103,22 @@ def batches(loader: TrainLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Accelerator,
-               images: torch.Tensor, texts: torch.Tensor, accum_steps: int) -> tuple[torch.Tensor, bool]:
-    """Forward and backward of one optimizer step's batch.
+               images: torch.Tensor, texts: torch.Tensor, accum_steps: int) -> torch.Tensor:
+    """Forward and backward of one optimizer step's batch; returns the (detached) loss.
 
-    Returns the loss and whether it was finite on every process; when it was
-    not, no process runs backward, so all of them skip the step together.
+    Nothing here reads a device value: a non-finite loss shows up as a non-finite gradient
+    norm afterwards, and the optimizer skips that step on the device (:mod:`mmggem.nonfinite`).
     """
     if accum_steps == 1:
         with accelerator.autocast():
             loss = loss_fn(*model(images, texts))
-        finite = finite_everywhere(loss, accelerator)
-        if finite:
-            accelerator.backward(loss)
-        return loss.detach(), finite
+        accelerator.backward(loss)
+        return loss.detach()
     image_chunks, text_chunks = images.chunk(accum_steps), texts.chunk(accum_steps)
     with torch.no_grad(), accelerator.autocast():
         cached = [model(i, t) for i, t in zip(image_chunks, text_chunks)]
         cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
         loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), *cached[-1][2:])
-    if not finite_everywhere(loss, accelerator):
-        return loss, False
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         last = index == accum_steps - 1
         with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
@@ -128,15 +126,23 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Ac
             micro_loss = micro_batch_loss(loss_fn, cached_images, cached_texts, index, image_features,
                                           text_features, *scalars)
         accelerator.backward(micro_loss)
-    return loss, True
+    return loss
 
 
-def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
-    """Whether ``loss`` is finite on every process (collective)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return not bool(bad.item())
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   nonfinite: NonFiniteSteps, grad_clip: float | None, step: int) -> torch.Tensor:
+    """Clip, then update unless the gradient norm is non-finite (skipped on the device); returns the norm.
+
+    The norm is always computed (with ``grad_clip`` unset, clipping at infinity changes nothing)
+    because it is what decides, identically on every process, whether the step is skipped.
+    """
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    found_inf = nonfinite.update(grad_norm, step)
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    torch_optimizer.found_inf = found_inf  # read by fused AdamW: 1 skips the update
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return full_tensor(grad_norm).detach()
 
 
 def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -145,19 +151,23 @@ def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Mo
 
 
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
-    """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor, or None."""
+    """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor on the host, or None.
+
+    Collective under FSDP (the exponents may be sharded): every process must call it.
+    """
     p = getattr(model.visual.pooler, "p", None)
-    return None if p is None else p.detach().float().clamp(min=1.0).reshape(-1).cpu()
+    return None if p is None else full_tensor(p.detach()).float().clamp(min=1.0).reshape(-1).cpu()
 
 
-def step_metrics(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 accelerator: Accelerator) -> dict[str, float]:
-    """``train/...`` metrics of the current step, the loss averaged over processes."""
+def step_metrics(model: torch.nn.Module, loss: torch.Tensor, grad_norm: torch.Tensor,
+                 optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> dict[str, float]:
+    """``train/...`` metrics of the current step, the loss averaged over processes (host reads: log steps only)."""
     loss = accelerator.reduce(loss.detach().float().reshape(1).clone(), reduction="mean")
     metrics = {
         "train/loss": float(loss.item()),
+        "train/grad_norm": float(grad_norm.item()),
         "train/lr": optimizer.param_groups[0]["lr"],
-        "train/logit_scale": float(model.logit_scale.detach().exp().item()),
+        "train/logit_scale": float(full_tensor(model.logit_scale.detach()).exp().item()),
     }
     exponents = pool_exponents(model)
     if exponents is not None:
@@ -187,25 +197,33 @@ def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelera
     return results
 
 
+def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """TF32 matmuls on CUDA when ``tf32`` (open_clip does the same); full fp32 otherwise."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def train(cfg: RunConfig) -> TrainOutcome:
     """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it)."""
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    configure_matmul_precision(accelerator.device, cfg.train.tf32)
     resume_from = resolve_resume(output_dir, cfg.train.resume)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    set_seed(cfg.seed, device_specific=True)
-
+    set_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
     model = build_model(cfg)
+    set_seed(cfg.seed, device_specific=True)  # per-process randomness from here on
     tokenizer = get_tokenizer(model)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
                                 cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
     scheduler = cosine_schedule(optimizer, min(cfg.train.warmup_steps, cfg.train.steps - 1), cfg.train.steps,
                                 cfg.train.min_lr_ratio)
+    train_transform, normalization = split_transform(image_transform(model, is_train=True))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
@@ -217,105 +235,129 @@ def train(cfg: RunConfig) -> TrainOutcome:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     loader = TrainLoader(
-        cfg.data.train, transform=image_transform(plain_model(accelerator, model), is_train=True),
-        tokenizer=tokenizer, batch_size=cfg.train.batch_size, num_workers=cfg.data.workers,
-        seed=cfg.seed, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        num_samples=cfg.data.num_samples, state=data_state,
+        cfg.data.train, transform=train_transform, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
+        num_workers=cfg.data.workers, seed=cfg.seed, resampled=cfg.data.resampled,
+        shuffle_buffer=cfg.data.shuffle_buffer, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_samples=cfg.data.num_samples, state=data_state,
+        pin_memory=accelerator.device.type == "cuda",
     )
     if cfg.log.wandb != "off":
         init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
     run_log = RunLog(accelerator, output_dir)
     run_log.rewind(state.step)
     stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
+    run = _Run(cfg, accelerator, model, optimizer, scheduler, loss_fn, loader, DeviceNormalizer(normalization,
+               accelerator.device), tokenizer, run_log, stop, state)
     try:
         with stop.catching_signals():
-            return _loop(cfg, accelerator, model, optimizer, scheduler, loss_fn, loader, tokenizer, run_log, stop,
-                         state)
+            return run.loop()
     finally:
+        stop.close()
         run_log.finish()
 
 
-def _save(cfg: RunConfig, accelerator: Accelerator, state: TrainState, loader: TrainLoader) -> Path:
-    return save_checkpoint(accelerator, cfg.output_dir, state.step, vars(state), loader.state_dict(),
-                           cfg.train.keep_checkpoints)
+@dataclass
+class _Run:
+    """The pieces of one training run, and the loop over its steps."""
 
+    cfg: RunConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    loader: TrainLoader
+    normalizer: DeviceNormalizer
+    tokenizer: Any
+    run_log: RunLog
+    stop: StopControl
+    state: TrainState
 
-def _loop(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, loss_fn: torch.nn.Module, loader: TrainLoader, tokenizer: Any, run_log: RunLog,
-          stop: StopControl, state: TrainState) -> TrainOutcome:
-    unwrapped = plain_model(accelerator, model)
-    global_batch = cfg.train.batch_size * accelerator.num_processes
-    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
-                    disable=not (accelerator.is_main_process and cfg.log.progress))
-    data_iter = batches(loader)
-    model.train()
-    window_start, data_wait = time.perf_counter(), 0.0
-    outcome = TrainOutcome(step=state.step)
-    while state.step < cfg.train.steps:
-        fetch_start = time.perf_counter()
-        images, texts = next(data_iter)
-        data_wait += time.perf_counter() - fetch_start
-        images, texts = images.to(accelerator.device), texts.to(accelerator.device)
+    def loop(self) -> TrainOutcome:
+        """Run steps until ``train.steps`` or a stop; outside log, checkpoint and evaluation steps the
+        host never waits for the device."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        unwrapped = plain_model(accelerator, self.model)
+        nonfinite = NonFiniteSteps(accelerator.device, state.bad_steps, state.bad_steps_in_a_row)
+        global_batch = cfg.train.batch_size * accelerator.num_processes
+        progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
+                        disable=not (accelerator.is_main_process and cfg.log.progress))
+        data_iter = batches(self.loader)
+        self.model.train()
+        window_start, data_wait = time.perf_counter(), 0.0
+        outcome = TrainOutcome(step=state.step)
+        try:
+            while state.step < cfg.train.steps:
+                fetch_start = time.perf_counter()
+                images, texts = next(data_iter)
+                data_wait += time.perf_counter() - fetch_start
+                images, texts = to_device(images, texts, accelerator.device, self.normalizer)
+                loss = train_step(self.model, self.loss_fn, accelerator, images, texts, cfg.train.accum_steps)
+                grad_norm = optimizer_step(accelerator, self.model, self.optimizer, nonfinite, cfg.train.grad_clip,
+                                           state.step + 1)
+                self.scheduler.step()
+                clamp_logit_scale_(unwrapped)
+                state.step += 1
+                state.samples_seen += global_batch
+                progress.update(1)
 
-        loss, finite = train_step(model, loss_fn, accelerator, images, texts, cfg.train.accum_steps)
-        if finite:
-            if cfg.train.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            state.bad_steps_in_a_row = 0
-        else:
-            state.bad_steps += 1
-            state.bad_steps_in_a_row += 1
-            if state.bad_steps_in_a_row >= cfg.train.max_bad_steps:
-                progress.close()
-                kept = list_checkpoints(cfg.output_dir)
-                raise TrainingDiverged(
-                    f"{state.bad_steps_in_a_row} steps in a row had a non-finite loss (last at step "
-                    f"{state.step + 1}); last good checkpoint: {kept[-1] if kept else 'none'}")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        clamp_logit_scale_(unwrapped)
-        state.step += 1
-        state.samples_seen += global_batch
-        progress.update(1)
+                log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
+                checkpoint_step = state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps
+                if log_step or checkpoint_step:
+                    self._read_nonfinite(nonfinite)
+                if log_step:
+                    elapsed = time.perf_counter() - window_start
+                    steps_in_window = (state.step - 1) % cfg.log.every + 1
+                    metrics = step_metrics(unwrapped, loss, grad_norm, self.optimizer, accelerator)
+                    metrics.update({
+                        "train/epoch": self.loader.state_dict().get("epoch", 0),
+                        "train/bad_steps": state.bad_steps,
+                        "perf/samples_per_s": steps_in_window * global_batch / max(elapsed, 1e-9),
+                        "perf/data_wait_s": data_wait,
+                        "data/skipped_samples": skipped_samples(self.loader, accelerator),
+                    })
+                    self.run_log.log(metrics, state.step)
+                    exponents = pool_exponents(unwrapped)
+                    if exponents is not None:
+                        self.run_log.log_histogram("train/pool_p", exponents, state.step)
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                    window_start, data_wait = time.perf_counter(), 0.0
+                if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+                    run_evaluation(cfg, self.model, accelerator, self.tokenizer, self.run_log, state.step)
+                    self.model.train()
 
-        if state.step % cfg.log.every == 0 or state.step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = (state.step - 1) % cfg.log.every + 1
-            metrics = step_metrics(unwrapped, loss, optimizer, accelerator)
-            metrics.update({
-                "train/epoch": loader.state_dict().get("epoch", 0),
-                "train/bad_steps": state.bad_steps,
-                "perf/samples_per_s": steps_in_window * global_batch / max(elapsed, 1e-9),
-                "perf/data_wait_s": data_wait,
-                "data/skipped_samples": skipped_samples(loader, accelerator),
-            })
-            run_log.log(metrics, state.step)
-            exponents = pool_exponents(unwrapped)
-            if exponents is not None:
-                run_log.log_histogram("train/pool_p", exponents, state.step)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            window_start, data_wait = time.perf_counter(), 0.0
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-            run_evaluation(cfg, model, accelerator, tokenizer, run_log, state.step)
-            model.train()
-
-        stopped_by = stop.check(state.step, accelerator)
-        periodic = state.step % cfg.train.checkpoint_every == 0 and state.bad_steps_in_a_row == 0
-        if periodic or stopped_by or state.step == cfg.train.steps:
-            outcome.checkpoint = _save(cfg, accelerator, state, loader)
-        if stopped_by:
+                stopped_by = self.stop.check(state.step)
+                if stopped_by and not checkpoint_step:
+                    self._read_nonfinite(nonfinite)
+                periodic = checkpoint_step and state.bad_steps_in_a_row == 0
+                if periodic or stopped_by or state.step == cfg.train.steps:
+                    outcome.checkpoint = self._save()
+                if stopped_by:
+                    accelerator.print(f"stopped at step {state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
+                    outcome.step, outcome.stopped_by = state.step, stopped_by
+                    return outcome
+        finally:
             progress.close()
-            accelerator.print(f"stopped at step {state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
-            outcome.step, outcome.stopped_by = state.step, stopped_by
-            return outcome
-    progress.close()
-    outcome.step = state.step
-    if cfg.eval.datasets:
-        outcome.evaluations = run_evaluation(cfg, model, accelerator, tokenizer, run_log, state.step)
-    if accelerator.is_main_process:
-        outcome.final = save_model(unwrapped, Path(cfg.output_dir) / "final")
-    accelerator.wait_for_everyone()
-    accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
-    return outcome
+        outcome.step = state.step
+        if cfg.eval.datasets:
+            outcome.evaluations = run_evaluation(cfg, self.model, accelerator, self.tokenizer, self.run_log,
+                                                 state.step)
+        if accelerator.is_main_process:
+            outcome.final = save_model(unwrapped, Path(cfg.output_dir) / "final")
+        accelerator.wait_for_everyone()
+        accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
+        return outcome
+
+    def _read_nonfinite(self, nonfinite: NonFiniteSteps) -> None:
+        """Bring the device counters into ``state``; stop the run after ``train.max_bad_steps`` in a row."""
+        counts = nonfinite.read()
+        self.state.bad_steps, self.state.bad_steps_in_a_row = counts.total, counts.in_a_row
+        if counts.longest_streak >= self.cfg.train.max_bad_steps:
+            kept = list_checkpoints(self.cfg.output_dir)
+            raise TrainingDiverged(
+                f"{counts.longest_streak} steps in a row had a non-finite loss or gradient (last at step "
+                f"{counts.last_step}); last good checkpoint: {kept[-1] if kept else 'none'}")
+
+    def _save(self) -> Path:
+        return save_checkpoint(self.accelerator, self.cfg.output_dir, self.state.step, vars(self.state),
+                               self.loader.state_dict(), self.cfg.train.keep_checkpoints)

@@ -1,0 +1,44 @@
+"""The training loop reads no device value outside log and checkpoint steps (1 and 2 real processes)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, cpu_env, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = str(Path(__file__).with_name("train_reads_worker.py"))
+STEPS, LOG_EVERY = 9, 4  # log steps 4, 8 and the last one, 9 (also its checkpoint)
+
+
+def run_workers(out: Path, shards: str, processes: int, *overrides: str) -> list[dict]:
+    args = [WORKER, str(out / "reads.json"), str(ROOT / "configs" / "demo.yaml"), f"output_dir={out / 'run'}",
+            f"data.train={shards}", "train.batch_size=8", f"train.steps={STEPS}", "train.warmup_steps=2",
+            "train.checkpoint_every=100", f"log.every={LOG_EVERY}", "log.progress=false", "data.workers=1",
+            "data.shuffle_buffer=40", "train.threads=1", *overrides]
+    port = str(free_port())
+    ranks = [subprocess.Popen([PYTHON, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=Path(WORKER).parent,
+                              env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                          LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port))
+             for rank in range(processes)]
+    for rank in ranks:
+        output, _ = rank.communicate(timeout=300)
+        assert rank.returncode == 0, output[-3000:]
+    return [json.loads((out / f"reads.rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("grad_clip", ["1.0", "null"])
+def test_steps_between_log_steps_read_nothing_from_the_device(train_shards: str, tmp_path: Path, processes: int,
+                                                              grad_clip: str) -> None:
+    for result in run_workers(tmp_path, train_shards, processes, f"train.grad_clip={grad_clip}"):
+        reads = {int(step): ops for step, ops in result["reads"].items()}
+        quiet = [step for step in range(1, STEPS) if step % LOG_EVERY]
+        assert {step: reads[step] for step in quiet} == {step: [] for step in quiet}
+        # the counter does see reads: the log steps read the loss, norm, scale and counters
+        for step in (LOG_EVERY, 2 * LOG_EVERY, STEPS):
+            assert any("_local_scalar_dense" in op for op in reads[step]), (step, reads[step])
