@@ -3,7 +3,7 @@
 Builds the demo shards (reused when already built), trains the tiny GGeM CLIP of
 ``recipes/demo.yaml`` (on the GPU when there is one, else the CPU), evaluates
 zero-shot classification and retrieval on the held-out split, writes the
-CLIP_benchmark-schema results and prints a table.
+CLIP_benchmark-schema results and prints one table per task.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import load_config
 from .data.demo import write_demo
 from .data.formats import SIZES_FILE
-from .evaluate.results import format_table, write_json
+from .evaluate.results import format_tables, write_json
 from .train import TrainOutcome, train
 
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
@@ -59,6 +59,6 @@ def run_demo(output_dir: Path, overrides: list[str]) -> DemoOutcome:
         write_json(record, results_dir / f"{result.dataset}.json")
         records.append(record)
     if records:
-        print(format_table(records))
+        print(format_tables(records))
         print(f"results: {results_dir}; model: {outcome.final}; log: {Path(cfg.output_dir) / 'results.jsonl'}")
     return DemoOutcome(outcome, records, results_dir)

@@ -16,7 +16,13 @@ def test_demo_trains_evaluates_and_keeps_the_run(demo_run: Path) -> None:
         assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(record)
     assert zeroshot["task"] == "zeroshot_classification" and retrieval["task"] == "zeroshot_retrieval"
     assert zeroshot["metrics"]["acc1"] > 0.2  # chance is 0.1 with ten classes
-    assert f"{zeroshot['metrics']['acc1']:.4f}" in stdout  # the printed table
+    lines = stdout.splitlines()  # one table per task, values in %
+    classification = lines.index("zero-shot classification, %")
+    assert lines[classification + 2].split() == ["zeroshot", "1500", "0", "fp32", *(
+        f"{100 * zeroshot['metrics'][k]:.1f}" for k in ("acc1", "acc5", "mean_per_class_recall"))]
+    retrieval_table = lines.index("zero-shot retrieval, recall@k in % (T2I: text to image, I2T: image to text)")
+    assert lines[retrieval_table + 1].split()[4:] == ["T2I@1", "T2I@5", "T2I@10", "I2T@1", "I2T@5", "I2T@10"]
+    assert lines[retrieval_table + 2].split()[:4] == ["retrieval", "1500", "0", "fp32"]
     assert retrieval["metrics"]["image_retrieval_recall@10"] > 10 / 1500
     records = [json.loads(line) for line in (demo_run / "run" / "results.jsonl").read_text().splitlines()]
     assert records[-1]["eval/zeroshot/acc1"] == zeroshot["metrics"]["acc1"]

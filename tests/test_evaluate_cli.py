@@ -51,10 +51,11 @@ def test_open_clip_checkpoint_in_fp32_by_default_on_a_cpu_and_with_autocast_when
                                                                   amp=False))
     out = capsys.readouterr().out
     assert f"shapes: wrote {path}" in out
-    header, row = out.strip().splitlines()[-2:]
-    assert header.split() == ["dataset", "task", "samples", "skipped", "acc1", "acc5", "mean_per_class_recall"]
-    assert row.split() == ["shapes", "zeroshot_classification", "21", "0",
-                           *(f"{record['metrics'][k]:.4f}" for k in ("acc1", "acc5", "mean_per_class_recall"))]
+    title, header, row = out.strip().splitlines()[-3:]  # one table: this task's metrics only, in %
+    assert title == "zero-shot classification, %"
+    assert header.split() == ["dataset", "samples", "skipped", "precision", "acc1", "acc5", "mean_per_class_recall"]
+    assert row.split() == ["shapes", "21", "0", "fp32",
+                           *(f"{100 * record['metrics'][k]:.1f}" for k in ("acc1", "acc5", "mean_per_class_recall"))]
 
     forced = tmp_path / "forced.json"
     assert cli_main(["eval", "zeroshot", "--checkpoint", f"open_clip:{NAME}", "--pretrained", str(weights),
@@ -91,7 +92,13 @@ def test_retrieval_results_over_several_sets_and_their_summary_csv(
         reference = clip_benchmark_metrics(model, root, preprocess, tokenizer, batch_size=64, amp=False,
                                            recall_k=(1, 3))
         assert_same_metrics(records[root.name]["metrics"], reference)
-    capsys.readouterr()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-4:-2] == ["zero-shot retrieval, recall@k in % (T2I: text to image, I2T: image to text)",
+                              "dataset  samples  skipped  precision  T2I@1  T2I@3  I2T@1  I2T@3"]
+    for line, name in zip(printed[-2:], ("caps_a", "caps_b")):
+        metrics = records[name]["metrics"]
+        assert line.split() == [name, str(records[name]["num_samples"]), "0", "fp32", *(
+            f"{100 * metrics[f'{way}_retrieval_recall@{k}']:.1f}" for way in ("image", "text") for k in (1, 3))]
 
     assert cli_main(["eval", "summary", str(tmp_path / "results"), "--output", str(tmp_path / "summary.csv")]) == 0
     assert f"wrote {tmp_path / 'summary.csv'} (2 results)" in capsys.readouterr().out

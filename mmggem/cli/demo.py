@@ -1,4 +1,4 @@
-"""`mmggem demo [--output-dir DIR]`: build data, train a tiny GGeM CLIP, evaluate, print a table."""
+"""`mmggem demo [--output-dir DIR]`: build data, train a tiny GGeM CLIP, evaluate, print one table per task."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="train and evaluate a tiny GGeM CLIP on the embedded Fashion-MNIST subset",
         description="Build the demo shards, train the tiny GGeM CLIP of mmggem/recipes/demo.yaml, evaluate "
-                    "zero-shot classification and retrieval on the held-out split and print a table. "
+                    "zero-shot classification and retrieval on the held-out split and print one table per task. "
                     "Without --output-dir the run is made in a temporary folder and removed.",
     )
     parser.add_argument("--output-dir", type=Path, help="keep the run here (data, checkpoints, results.jsonl, "

@@ -56,11 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate one checkpoint on each ``--dataset``; write one result JSON per set and print a table."""
+    """Evaluate one checkpoint on each ``--dataset``; write one result JSON per set and print one table per task."""
     from accelerate import Accelerator
 
     from ..evaluate import evaluate_dataset, load_model
-    from ..evaluate.results import format_table, write_json
+    from ..evaluate.results import format_tables, write_json
 
     loaded = load_model(args.checkpoint, args.pretrained)
     accelerator = Accelerator()
@@ -78,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"{result.dataset}: wrote {write_json(record, output)}")
         records.append(record)
     if accelerator.is_main_process:
-        print(format_table(records))
+        print(format_tables(records))
     return 0
 
 

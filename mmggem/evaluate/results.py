@@ -1,4 +1,4 @@
-"""Evaluation results: CLIP_benchmark's JSON schema, atomic files, a readable table, a summary CSV.
+"""Evaluation results: CLIP_benchmark's JSON schema, atomic files, readable tables, a summary CSV.
 
 A result file holds CLIP_benchmark's keys (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics``, ``language``), so tools reading CLIP_benchmark output read
@@ -100,31 +100,54 @@ def read_result(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def format_table(records: Iterable[dict[str, Any]]) -> str:
-    """A plain-text table: one row per result, one column per metric (blank where a result lacks it)."""
+def format_tables(records: Iterable[dict[str, Any]]) -> str:
+    """The summary people read after a run: one compact table per task, values in %, tasks in order of first result.
+
+    Zero-shot classification shows acc1, acc5 and the mean per-class recall; retrieval shows Recall@k from
+    text to image (``T2I@k``) and from image to text (``I2T@k``) for every k reported. Every row also says
+    how many samples its numbers are over, how many were skipped, and the precision they were computed in,
+    so a number is not read without them. A metric a result lacks (acc5 with fewer than 5 classes) is ``-``.
+    """
     records = list(records)
-    metrics = sorted({name for record in records for name in record["metrics"]})
-    header = ["dataset", "task", "samples", "skipped", *metrics]
-    rows = [
-        [
-            str(record["dataset"]),
-            str(record["task"]),
-            str(record.get("num_samples", "")),
-            str(sum(record.get("skipped", {}).values())),
-            *(_format_value(record["metrics"].get(name)) for name in metrics),
+    tables = []
+    for task in dict.fromkeys(record["task"] for record in records):
+        rows = [record for record in records if record["task"] == task]
+        title, columns = _task_columns(task, rows)
+        header = ["dataset", "samples", "skipped", "precision", *(label for _, label in columns)]
+        cells = [
+            [str(row["dataset"]), str(row.get("num_samples", "")), str(sum(row.get("skipped", {}).values())),
+             str(row.get("precision", "")), *(_percent(row["metrics"].get(metric)) for metric, _ in columns)]
+            for row in rows
         ]
-        for record in records
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+        tables.append(title + "\n" + _aligned([header, *cells], text_columns=(0, 3)))
+    return "\n\n".join(tables)
 
 
-def _format_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4f}"
-    return str(value)
+def _task_columns(task: str, records: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+    """A task's table title and its (metric name, column label) pairs."""
+    if task == ZEROSHOT_CLASSIFICATION:
+        return "zero-shot classification, %", [("acc1", "acc1"), ("acc5", "acc5"),
+                                               ("mean_per_class_recall", "mean_per_class_recall")]
+    if task == ZEROSHOT_RETRIEVAL:
+        ks = sorted({int(name.rsplit("@", 1)[1]) for record in records for name in record["metrics"]})
+        return ("zero-shot retrieval, recall@k in % (T2I: text to image, I2T: image to text)",
+                [(f"image_retrieval_recall@{k}", f"T2I@{k}") for k in ks]
+                + [(f"text_retrieval_recall@{k}", f"I2T@{k}") for k in ks])
+    raise ValueError(f"no summary table for task {task!r}; tasks: {ZEROSHOT_CLASSIFICATION}, {ZEROSHOT_RETRIEVAL}")
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _aligned(rows: list[list[str]], text_columns: tuple[int, ...]) -> str:
+    """Rows as columns two spaces apart: text columns left-aligned, numbers right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) if i in text_columns else cell.rjust(width)
+                  for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    )
 
 
 def summary_rows(results_dir: str | Path) -> list[dict[str, Any]]:
