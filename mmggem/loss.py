@@ -12,9 +12,9 @@ Two image-text losses, both callable on L2-normalised features:
 
 Distributed semantics. Under ``torch.distributed`` with ``W`` processes each
 holding ``b`` rows (equal on every process), the losses score every row
-against the ``N = W * b`` rows of all processes. With gradients flowing
-through the all-gather (the default), a loss ``L`` that every process
-evaluates on the concatenated batch is reproduced exactly as follows:
+against the ``N = W * b`` rows of all processes. Gradients flow through the
+all-gather, so a loss ``L`` that every process evaluates on the concatenated
+batch is reproduced exactly as follows:
 
 * the value: :class:`ClipLoss` returns ``L`` itself on every process; with
   ``local_loss=True`` and for :class:`SigLipLoss` each process returns the
@@ -84,26 +84,19 @@ class _AllGatherRows(torch.autograd.Function):
         return grad[ctx.rows]
 
 
-def gather_rows(x: Tensor, with_grad: bool = True) -> Tensor:
+def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``x`` of every process along dim 0, in rank order.
 
-    Every process must pass the same shape. With ``with_grad`` the gradient of
-    every copy flows back to its owner (see the module docstring). Without it
-    only the local slice (which is ``x`` itself) carries a gradient: each
-    process then gets ``dL/dx`` from its own copy only, a cheaper backward as
-    open_clip's ``gather_with_grad=False`` (which, unlike here, leaves even the
-    local slice without gradient under ``local_loss``). A single process (no
-    process group) returns ``x`` unchanged.
+    Every process must pass the same shape. The gradient of every copy flows
+    back to its owner (see the module docstring), which is what makes the
+    distributed loss equal to the one-process loss; open_clip's cheaper
+    ``gather_with_grad=False`` is not offered, since it gives other gradients.
+    A single process (no process group) returns ``x`` unchanged.
     """
-    rank, world = _rank_and_world()
+    _, world = _rank_and_world()
     if world == 1:
         return x
-    if with_grad:
-        return _AllGatherRows.apply(x)
-    with torch.no_grad():
-        everyone = _AllGatherRows.apply(x)
-    b = x.shape[0]
-    return torch.cat([everyone[: rank * b], x, everyone[(rank + 1) * b :]])
+    return _AllGatherRows.apply(x)
 
 
 class ClipLoss(nn.Module):
@@ -115,44 +108,30 @@ class ClipLoss(nn.Module):
     ``i`` of the texts; every other row of every process is a negative.
 
     Args:
-        local_loss: open_clip's memory saver: each process scores only its own
-            ``b`` rows against the ``N`` gathered rows (``b x N`` instead of
-            ``N x N`` logits, labels offset by ``rank * b``) and returns the
-            mean over those rows; the mean of the returned values over
-            processes is the full loss. The gradients are the same as without
-            it (when ``gather_with_grad``).
-        gather_with_grad: let gradients flow through the all-gather. Required
-            for the exact equivalence stated in the module docstring; without
-            it each process's features only receive the gradient of its own
-            copy (for the full matrix that is ``dL/dx`` once instead of ``W``
-            times, so DDP-averaged tower gradients are ``1/W`` of the exact
-            ones; with ``local_loss`` the other processes' rows are lost from
-            the gradient altogether).
-        cache_labels: keep the target index tensor between calls of the
-            same shape and device.
+        local_loss: open_clip's memory saver (``train.local_loss``): each
+            process scores only its own ``b`` rows against the ``N`` gathered
+            rows (``b x N`` instead of ``N x N`` logits, labels offset by
+            ``rank * b``) and returns the mean over those rows; the mean of the
+            returned values over processes is the full loss. The gradients are
+            the same as without it.
+
+    The target indices are kept between calls of the same shape and device.
     """
 
-    def __init__(
-        self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True
-    ) -> None:
+    def __init__(self, local_loss: bool = False) -> None:
         super().__init__()
         self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
         self._labels: dict[tuple[torch.device, int, int], Tensor] = {}
 
     def _targets(self, device: torch.device, rows: int, offset: int) -> Tensor:
         key = (device, rows, offset)
-        labels = self._labels.get(key)
-        if labels is None:
-            labels = torch.arange(offset, offset + rows, device=device)
-            if self.cache_labels:
-                self._labels[key] = labels
-        return labels
+        if key not in self._labels:
+            self._labels[key] = torch.arange(offset, offset + rows, device=device)
+        return self._labels[key]
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-        all_images = gather_rows(image_features, self.gather_with_grad)
-        all_texts = gather_rows(text_features, self.gather_with_grad)
+        all_images = gather_rows(image_features)
+        all_texts = gather_rows(text_features)
         if self.local_loss:
             rank, _ = _rank_and_world()
             rows = image_features.shape[0]

@@ -31,14 +31,12 @@ GLOBAL_ROWS = 12  # divisible by world size 2 x 2 micro-batches
 LOSSES = {
     "clip": ClipLoss,
     "clip_local": partial(ClipLoss, local_loss=True),
-    "clip_nograd": partial(ClipLoss, gather_with_grad=False),
     "siglip": SigLipLoss,
 }
 # (loss, micro-batches per optimizer step) run by each worker.
 CASES = [
     ("clip", 1),
     ("clip_local", 1),
-    ("clip_nograd", 1),
     ("siglip", 1),
     ("clip", 2),
     ("clip_local", 2),
