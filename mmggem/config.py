@@ -15,6 +15,7 @@ also takes ``none`` for None besides YAML's ``null`` and ``~``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import re
@@ -292,10 +293,18 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in values.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``overrides`` applied: nested dicts merged key by key, anything else replaced.
+
+    Used for a config file over its ``base:`` file and for model-config overrides over open_clip's model
+    config; neither input is changed, and the result shares no mutable part with them.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
     return merged
 
 
@@ -314,7 +323,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = values.pop("base", None)
     if base is None:
         return values
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
+    return deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .config import deep_merge
 from .errors import MissingPathError, UserError
 from .fileio import atomic_directory
 from .pooling import build_pooler
@@ -97,16 +98,6 @@ class PooledVisionTransformer(VisionTransformer):
         if self.proj is not None:
             pooled = pooled @ self.proj
         return pooled, tokens
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _text_tower_cfg(text_tower: str | dict[str, Any]) -> dict[str, Any]:
@@ -178,9 +169,9 @@ def create_model(
         overrides: merged into the open_clip model config, nested dicts merged
             key by key, e.g. ``vision_cfg={"final_ln_after_pool": True}``.
     """
-    model_cfg = _merge(_model_cfg(name), overrides)
+    model_cfg = deep_merge(_model_cfg(name), overrides)
     if text_tower is not None:
-        model_cfg["text_cfg"] = _merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
+        model_cfg["text_cfg"] = deep_merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
     model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {})))
     if pretrained is not None:
         load_pretrained(model, pretrained)
