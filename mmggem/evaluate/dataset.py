@@ -375,14 +375,16 @@ class ImageFeatures:
 
 
 @torch.inference_mode()
-def encode_images(
+def encode_set_images(
     model: torch.nn.Module,
     evalset: EvalSet,
     preprocess: Callable[[PIL.Image.Image], torch.Tensor],
     processes: Processes,
     encoding: Encoding,
 ) -> ImageFeatures:
-    """Each process encodes its block of images; every process gets all features, on the CPU.
+    """The images of an evaluation set, read from its shards: each process encodes its block, every process
+    gets all features (on the CPU) and the samples skipped. (:func:`mmggem.analysis.encode_images` encodes
+    a batch already in memory.)
 
     Raises UserError when no image of the set decodes.
     """

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UsageError, UserError
 
-from .dataset import Encoding, EvalSet, Processes, encode_images, encode_texts
+from .dataset import Encoding, EvalSet, Processes, encode_set_images, encode_texts
 from .results import DEFAULT_RECALL_K, ZEROSHOT_RETRIEVAL, EvalResult
 
 
@@ -64,7 +64,7 @@ def evaluate_retrieval(
     """Retrieval between the images of ``evalset`` and their captions; every process returns the same result."""
     if not recall_k or min(recall_k) < 1:
         raise UsageError(f"recall@k needs positive k values, got {list(recall_k)}")
-    images = encode_images(model, evalset, preprocess, processes, encoding)
+    images = encode_set_images(model, evalset, preprocess, processes, encoding)
     captions = [evalset.samples[i].captions for i in images.indices.tolist()]
     texts = [text for image_captions in captions for text in image_captions]
     if not texts:

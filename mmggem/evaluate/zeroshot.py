@@ -23,7 +23,7 @@ import torch
 
 from ..data import formats
 from ..errors import UserError
-from .dataset import Encoding, EvalSet, Processes, Sample, encode_images, encode_texts
+from .dataset import Encoding, EvalSet, Processes, Sample, encode_set_images, encode_texts
 from .metadata import ClassMetadata
 from .results import ZEROSHOT_CLASSIFICATION, EvalResult
 
@@ -108,7 +108,7 @@ def evaluate_zeroshot(
     """Zero-shot classification of ``evalset`` with ``model``; every process returns the same result."""
     check_labels(evalset.samples, metadata)
     classifier = build_classifier(model, tokenizer, metadata, processes, encoding)
-    images = encode_images(model, evalset, preprocess, processes, encoding)
+    images = encode_set_images(model, evalset, preprocess, processes, encoding)
     target = torch.tensor([evalset.samples[i].label for i in images.indices.tolist()])
     logits = logits_of(images.features, classifier, encoding)
     return EvalResult(
