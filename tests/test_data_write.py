@@ -17,7 +17,7 @@ from PIL import Image
 from data_fixtures import image_bytes, noise, solid, write_tar
 from mmggem.data import demo, formats
 from mmggem.data.write import (
-    ClassSample, EncodedImage, RetrievalSample, build_caption_shards, build_classification_set, read_caption_rows,
+    ClassSample, EncodedImage, RetrievalSample, build_from_captions, build_classification_set, read_caption_rows,
     write_classification_set, write_retrieval_set,
 )
 from mmggem.evaluate.dataset import open_eval_set
@@ -148,8 +148,8 @@ def test_images_keep_their_bytes_or_become_png_and_bad_inputs_are_reported(tmp_p
     (tmp_path / "captions.csv").write_text(
         "file,caption\nphoto.jpeg,a photo\nsub/drawing.bmp,a drawing\nmisnamed.jpg,really a png\n"
         "broken.png,broken\ngone.png,missing\nphoto.jpeg,  \nphoto.jpeg,the photo again\n")
-    report = build_caption_shards(images, tmp_path / "captions.csv", tmp_path / "out", samples_per_shard=2,
-                                  progress=False)
+    report = build_from_captions(images, tmp_path / "captions.csv", tmp_path / "out", layout="training",
+                                 samples_per_shard=2, progress=False)
     assert (report.samples, report.shards) == (4, 2)
     assert report.skipped_by_reason() == {"unreadable image": 1, "missing file": 1, "empty caption": 1,
                                           "no caption row": 1}
@@ -176,15 +176,15 @@ def test_output_is_atomic_and_never_overwritten_by_accident(tmp_path: Path) -> N
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="is not empty"):
-        build_caption_shards(images, tmp_path / "ok.csv", out, progress=False)
+        build_from_captions(images, tmp_path / "ok.csv", out, layout="training", progress=False)
     with pytest.raises(ValueError, match="no usable"):
-        build_caption_shards(images, tmp_path / "bad.csv", out, overwrite=True, progress=False)
+        build_from_captions(images, tmp_path / "bad.csv", out, layout="training", overwrite=True, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "images", "ok.csv", "out"]
-    build_caption_shards(images, tmp_path / "ok.csv", out, overwrite=True, progress=False)
+    build_from_captions(images, tmp_path / "ok.csv", out, layout="training", overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "sizes.json"]
     first = (out / "00000.tar").read_bytes()
-    build_caption_shards(images, tmp_path / "ok.csv", out, overwrite=True, progress=False)
+    build_from_captions(images, tmp_path / "ok.csv", out, layout="training", overwrite=True, progress=False)
     assert (out / "00000.tar").read_bytes() == first  # same input, byte-identical shard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "images", "ok.csv", "out"]
 

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _captions(captions)
     _out(captions, "output directory for the shards and sizes.json")
     _common(captions)
-    captions.set_defaults(func=_caption_shards)
+    captions.set_defaults(func=_from_captions, layout="training")
 
     classes = commands.add_parser("classes", help="a classification set from one sub-folder of images per class")
     _images(classes)
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _captions(retrieval)
     _out(retrieval, "output directory (CLIP_benchmark layout)")
     _common(retrieval)
-    retrieval.set_defaults(func=_retrieval)
+    retrieval.set_defaults(func=_from_captions, layout="retrieval")
 
 
 def _images(parser: argparse.ArgumentParser) -> None:
@@ -92,11 +92,12 @@ def _demo(args: argparse.Namespace) -> int:
     return _run(lambda: write_demo(args.out, overwrite=args.overwrite, **_per_shard(args)))
 
 
-def _caption_shards(args: argparse.Namespace) -> int:
-    from ..data.write import build_caption_shards
+def _from_captions(args: argparse.Namespace) -> int:
+    """`data captions` (training shards) and `data retrieval` (a retrieval set): one builder, two layouts."""
+    from ..data.write import build_from_captions
 
-    return _run(lambda: build_caption_shards(
-        args.images, args.captions, args.out, overwrite=args.overwrite, **_per_shard(args),
+    return _run(lambda: build_from_captions(
+        args.images, args.captions, args.out, layout=args.layout, overwrite=args.overwrite, **_per_shard(args),
         file_column=args.file_column, caption_column=args.caption_column))
 
 
@@ -111,11 +112,3 @@ def _classes(args: argparse.Namespace) -> int:
                                         **_per_shard(args))
 
     return _run(build)
-
-
-def _retrieval(args: argparse.Namespace) -> int:
-    from ..data.write import build_retrieval_set
-
-    return _run(lambda: build_retrieval_set(
-        args.images, args.captions, args.out, overwrite=args.overwrite, **_per_shard(args),
-        file_column=args.file_column, caption_column=args.caption_column))

@@ -1,10 +1,10 @@
 """Build training shards and CLIP_benchmark evaluation sets from folders and caption files.
 
-Three builders, one per ``mmggem data`` command, each writing one output directory:
+Two builders for the ``mmggem data`` commands, each writing one output directory:
 
-- ``build_caption_shards``: images + a CSV/TSV/JSONL file of (file name, caption) rows -> training shards.
+- ``build_from_captions``: images + a CSV/TSV/JSONL file of (file name, caption) rows -> training shards
+  (``layout="training"``), or a CLIP_benchmark retrieval set (``layout="retrieval"``, several rows per image allowed).
 - ``build_classification_set``: one sub-folder per class -> a CLIP_benchmark classification set.
-- ``build_retrieval_set``: images + caption rows (several per image allowed) -> a CLIP_benchmark retrieval set.
 
 Every builder writes into a hidden temporary directory beside OUT and renames it to OUT only when
 everything is written, so an interrupted run never leaves a complete-looking OUT. A non-empty OUT is
@@ -23,7 +23,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import webdataset as wds
 from PIL import Image
@@ -379,23 +379,38 @@ def _write_atomically(report: WriteReport, overwrite: bool, write: Callable[[Pat
 # --- builders (one per CLI command) ------------------------------------------------------------
 
 
-def build_caption_shards(
+CaptionLayout = Literal["training", "retrieval"]
+"""What :func:`build_from_captions` writes: training shards, or a CLIP_benchmark retrieval set."""
+
+
+def build_from_captions(
     images: str | os.PathLike,
     captions: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    layout: CaptionLayout,
     samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
     overwrite: bool = False,
     file_column: str = "file",
     caption_column: str = "caption",
     progress: bool = True,
 ) -> WriteReport:
-    """Training shards (+ sizes.json) from a folder of images and a caption file; one sample per caption row."""
+    """Training shards or a retrieval set from a folder of images and a caption file (``mmggem data captions``
+    and ``mmggem data retrieval``); both read and check the inputs the same way and differ in what they write.
+
+    - ``layout="training"``: one sample per caption row, in training shards with ``sizes.json``;
+    - ``layout="retrieval"``: a CLIP_benchmark retrieval set, one sample per image holding all its captions
+      (the rows that share its file name).
+    """
     images = _require_dir(images)
-    report = WriteReport(Path(out), "training shards")
+    report = WriteReport(Path(out), "training shards" if layout == "training" else "retrieval set")
     captioned = _captioned_images(images, captions, file_column, caption_column, report, progress)
-    samples = (TrainingSample(image, caption, {"file": name}) for name, image, texts in captioned for caption in texts)
-    return _write_atomically(report, overwrite, lambda tmp: write_training_shards(tmp, samples, samples_per_shard))
+    if layout == "training":
+        training = (TrainingSample(image, caption, {"file": name}) for name, image, texts in captioned
+                    for caption in texts)
+        return _write_atomically(report, overwrite, lambda tmp: write_training_shards(tmp, training, samples_per_shard))
+    retrieval = (RetrievalSample(image, texts) for _, image, texts in captioned)
+    return _write_atomically(report, overwrite, lambda tmp: write_retrieval_set(tmp, retrieval, samples_per_shard))
 
 
 def class_folders(images: Path) -> list[tuple[str, Path]]:
@@ -441,22 +456,3 @@ def build_classification_set(
     names = [name for name, _ in classes]
     return _write_atomically(report, overwrite,
                              lambda tmp: write_classification_set(tmp, samples(), names, templates, samples_per_shard))
-
-
-def build_retrieval_set(
-    images: str | os.PathLike,
-    captions: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
-    overwrite: bool = False,
-    file_column: str = "file",
-    caption_column: str = "caption",
-    progress: bool = True,
-) -> WriteReport:
-    """A CLIP_benchmark retrieval set: one sample per image with all its captions (rows sharing a file name)."""
-    images = _require_dir(images)
-    report = WriteReport(Path(out), "retrieval set")
-    captioned = _captioned_images(images, captions, file_column, caption_column, report, progress)
-    samples = (RetrievalSample(image, texts) for _, image, texts in captioned)
-    return _write_atomically(report, overwrite, lambda tmp: write_retrieval_set(tmp, samples, samples_per_shard))
