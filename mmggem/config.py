@@ -268,8 +268,17 @@ def _validate(cfg: RunConfig) -> None:
                           f"{cfg.train.batch_size}")
     if cfg.train.time_limit:
         parse_duration(cfg.train.time_limit)
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"train.betas: expected two numbers, got {cfg.train.betas!r}")
+    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas!r}")
+    # checked here, naming the key, rather than by AdamW, the schedule or the loaders in the middle of a run
+    not_negative = {"train.weight_decay": cfg.train.weight_decay, "train.adam_eps": cfg.train.adam_eps,
+                    "train.warmup_steps": cfg.train.warmup_steps, "data.workers": cfg.data.workers,
+                    "data.shuffle_buffer": cfg.data.shuffle_buffer, "eval.workers": cfg.eval.workers}
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio}")
     if cfg.eval.every and not cfg.eval.datasets:
         raise ConfigError("eval.every is set but eval.datasets is empty")
 
