@@ -19,6 +19,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from .errors import UserError
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -41,7 +43,7 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``latest`` (or None if the run has none), a path, or None for ``''``."""
     if not resume:
         if list_checkpoints(output_dir):
-            raise ValueError(
+            raise UserError(
                 f"{checkpoint_dir(output_dir)} already holds checkpoints: set train.resume=latest to continue "
                 "that run, or choose another output_dir"
             )
@@ -51,7 +53,7 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
         return existing[-1] if existing else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"train.resume={resume!r}: not a complete checkpoint ({path / STATE_FILE} is missing)")
+        raise UserError(f"train.resume={resume!r}: not a complete checkpoint ({path / STATE_FILE} is missing)")
     return path
 
 
@@ -96,7 +98,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any
     """Restore accelerate's state from ``path``; return ``(trainer_state, this process's data_state)``."""
     trainer_state = json.loads((path / STATE_FILE).read_text())
     if trainer_state["world_size"] != accelerator.num_processes:
-        raise ValueError(
+        raise UserError(
             f"{path} was written by {trainer_state['world_size']} processes, this run has "
             f"{accelerator.num_processes}: exact resume needs the same number of processes"
         )
