@@ -62,6 +62,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import formats
+from ..errors import UserError
 
 MAX_CAPTION_CHARS = 8192
 MAX_CONSECUTIVE_SKIPS = 10_000
@@ -99,11 +100,11 @@ def parse_spec(spec: str) -> list[Source]:
     sources = []
     for part in (p.strip() for p in spec.split("::")):
         if not part:
-            raise ValueError(f"shard spec {spec!r} has an empty source between '::'")
+            raise UserError(f"shard spec {spec!r} has an empty source between '::'")
         match = _WEIGHT.match(part)
         pattern, weight = (match["pattern"], float(match["weight"])) if match else (part, 1.0)
         if weight <= 0:
-            raise ValueError(f"source {part!r}: the weight after '@' must be positive")
+            raise UserError(f"source {part!r}: the weight after '@' must be positive")
         sources.append(Source(pattern, tuple(_expand(pattern)), weight))
     return sources
 
@@ -120,9 +121,9 @@ def _expand(pattern: str) -> list[str]:
         if not matches:
             missing.append(url)
     if not found:
-        raise ValueError(f"shard pattern {pattern!r} matches no file")
+        raise UserError(f"shard pattern {pattern!r} matches no file")
     if missing:
-        raise ValueError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
+        raise UserError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
                          f"e.g. {missing[0]}")
     return found
 
@@ -133,15 +134,15 @@ def count_samples(urls: list[str]) -> int:
     sizes_by_dir: dict[Path, dict[str, int] | None] = {}
     for url in urls:
         if is_remote(url):
-            raise ValueError(f"cannot count the samples of remote shard {url}; pass num_samples")
+            raise UserError(f"cannot count the samples of remote shard {url}; pass num_samples")
         directory = Path(url).parent
         if directory not in sizes_by_dir:
             sizes_by_dir[directory] = formats.read_sizes(directory)
         sizes = sizes_by_dir[directory]
         if sizes is None:
-            raise ValueError(f"no {formats.SIZES_FILE} in {directory}; pass num_samples")
+            raise UserError(f"no {formats.SIZES_FILE} in {directory}; pass num_samples")
         if Path(url).name not in sizes:
-            raise ValueError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; pass num_samples")
+            raise UserError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; pass num_samples")
         total += sizes[Path(url).name]
     return total
 
@@ -501,15 +502,15 @@ class TrainLoader:
         self._workers = max(1, num_workers)
         if not resampled:
             if any(weight != 1.0 for weight in self.weights):
-                raise ValueError(f"shard spec {spec!r}: sampling weights need resampled mode")
+                raise UserError(f"shard spec {spec!r}: sampling weights need resampled mode")
             if len(self.urls) < world_size * self._workers:
-                raise ValueError(
+                raise UserError(
                     f"epoch mode needs at least world_size x workers = {world_size} x {self._workers} shards, "
                     f"{spec!r} has {len(self.urls)}; use resampled mode, fewer workers, or more shards")
         self.num_samples = num_samples if num_samples is not None else count_samples(list(self.urls))
         self.batches_per_epoch = self.num_samples // (batch_size * world_size)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{self.num_samples} samples make no full batch of {batch_size} on each of "
+            raise UserError(f"{self.num_samples} samples make no full batch of {batch_size} on each of "
                              f"{world_size} rank(s)")
         self._quotas = tuple(self.batches_per_epoch // self._workers + (w < self.batches_per_epoch % self._workers)
                              for w in range(self._workers))
@@ -593,7 +594,7 @@ class TrainLoader:
                       if state["layout"].get(key) != value}
         if mismatched:
             details = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
-            raise ValueError(f"loader state was saved with a different setup, cannot resume exactly; {details}")
+            raise UserError(f"loader state was saved with a different setup, cannot resume exactly; {details}")
         workers = [WorkerState(int(w["raw"]), int(w["batches"]), {str(k): int(v) for k, v in w["skipped"].items()})
                    for w in state["workers"]]
         if sum(w.batches for w in workers) != state["batches"]:
