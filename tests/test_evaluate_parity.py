@@ -127,7 +127,8 @@ def tiny_model(seed: int, pooling: str = "ggem") -> tuple[torch.nn.Module, Any, 
 
 
 def clip_benchmark_metrics(model: torch.nn.Module, root: Path, preprocess: Any, tokenizer: Any, *,
-                           batch_size: int, amp: bool, recall_k: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+                           batch_size: int, amp: bool, recall_k: tuple[int, ...] = (1, 5, 10),
+                           device: str = "cpu") -> dict[str, float]:
     """CLIP_benchmark's own metrics for a local webdataset set, loaded as its CLI loads ``wds/`` sets."""
     from clip_benchmark.datasets.builder import build_wds_dataset
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
@@ -135,8 +136,10 @@ def clip_benchmark_metrics(model: torch.nn.Module, root: Path, preprocess: Any, 
     dataset = build_wds_dataset(root.name, transform=preprocess, split="test", data_dir=str(root))
     loader = torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0)
     if dataset.classes is None:
-        return zeroshot_retrieval.evaluate(model, loader, tokenizer, device="cpu", amp=amp, recall_k_list=list(recall_k))
-    return zeroshot_classification.evaluate(model, loader, tokenizer, dataset.classes, dataset.templates, "cpu", amp=amp)
+        return zeroshot_retrieval.evaluate(model, loader, tokenizer, device=device, amp=amp,
+                                           recall_k_list=list(recall_k))
+    return zeroshot_classification.evaluate(model, loader, tokenizer, dataset.classes, dataset.templates, device,
+                                            amp=amp)
 
 
 def assert_same_metrics(ours: dict[str, float], reference: dict[str, float]) -> None:
