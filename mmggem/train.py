@@ -32,6 +32,7 @@ from .data.device import DeviceNormalizer, split_transform, to_device
 from .data.loader import TrainLoader
 from .evaluate import evaluate_dataset
 from .evaluate.results import EvalResult
+from .fsdp import enable_fsdp_on_cpu, is_fsdp, plain_model, sharding_summary, vectorize_scalar_parameters
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
 from .model import create_model, get_tokenizer, image_transform, save_model
 from .nonfinite import NonFiniteSteps, full_tensor
@@ -72,15 +73,18 @@ class TrainOutcome:
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
-    return Accelerator(
+    """accelerate's Accelerator for the run; an FSDP launch gets FSDP on CPU processes too."""
+    accelerator = Accelerator(
         mixed_precision=cfg.train.precision,
         log_with="wandb" if cfg.log.wandb != "off" else None,
         project_dir=cfg.output_dir,
         dynamo_backend="inductor" if cfg.model.compile else None,
     )
+    enable_fsdp_on_cpu(accelerator)
+    return accelerator
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
+def build_model(cfg: RunConfig, load_pretrained: bool = True) -> torch.nn.Module:
     overrides: dict[str, Any] = {"vision_cfg": {"final_ln_after_pool": cfg.model.final_ln_after_pool}}
     if cfg.train.loss == "siglip":  # SigLIP's initial temperature and bias (Zhai et al. 2023, Sec. 3.2)
         overrides.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
@@ -89,7 +93,7 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
         pooling=cfg.model.pooling,
         pooling_kwargs=cfg.model.pooling_kwargs,
         text_tower=cfg.model.text_tower or None,
-        pretrained=cfg.model.pretrained or None,
+        pretrained=(cfg.model.pretrained or None) if load_pretrained else None,
         **overrides,
     )
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
@@ -145,11 +149,6 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     return full_tensor(grad_norm).detach()
 
 
-def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The model without accelerate's wrappers, torch.compile's included, so its state_dict keys are plain."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
     """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor on the host, or None.
 
@@ -183,7 +182,7 @@ def skipped_samples(loader: TrainLoader, accelerator: Accelerator) -> int:
 def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelerator,
                    tokenizer: Any, run_log: RunLog, step: int) -> list[EvalResult]:
     """Evaluate on every set in ``eval.datasets``, sharded over all processes; log ``eval/<set>/<metric>``."""
-    unwrapped = plain_model(accelerator, model)
+    unwrapped = plain_model(accelerator, model, lambda: build_model(cfg, load_pretrained=False))
     preprocess = image_transform(unwrapped, is_train=False)
     results = [
         evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
@@ -218,6 +217,8 @@ def train(cfg: RunConfig) -> TrainOutcome:
     set_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
     model = build_model(cfg)
     set_seed(cfg.seed, device_specific=True)  # per-process randomness from here on
+    if is_fsdp(accelerator):
+        vectorize_scalar_parameters(model)
     tokenizer = get_tokenizer(model)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
                                 cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
@@ -226,6 +227,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
     train_transform, normalization = split_transform(image_transform(model, is_train=True))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.print(sharding_summary(accelerator, model))
     loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
 
     state, data_state = TrainState(), None
@@ -277,7 +279,7 @@ class _Run:
         """Run steps until ``train.steps`` or a stop; outside log, checkpoint and evaluation steps the
         host never waits for the device."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
-        unwrapped = plain_model(accelerator, self.model)
+        unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         nonfinite = NonFiniteSteps(accelerator.device, state.bad_steps, state.bad_steps_in_a_row)
         global_batch = cfg.train.batch_size * accelerator.num_processes
         progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
@@ -342,8 +344,9 @@ class _Run:
         if cfg.eval.datasets:
             outcome.evaluations = run_evaluation(cfg, self.model, accelerator, self.tokenizer, self.run_log,
                                                  state.step)
+        exported = plain_model(accelerator, self.model, lambda: build_model(cfg, load_pretrained=False))
         if accelerator.is_main_process:
-            outcome.final = save_model(unwrapped, Path(cfg.output_dir) / "final")
+            outcome.final = save_model(exported, Path(cfg.output_dir) / "final")
         accelerator.wait_for_everyone()
         accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
         return outcome

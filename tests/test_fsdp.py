@@ -1,0 +1,64 @@
+"""FSDP2 training on 2 real CPU processes (gloo), through the shipped launch/accelerate/fsdp.yaml.
+
+The parameters really are sharded (the trainer reports DTensors and each process holds about
+half of the elements; the checkpoint holds one shard file per process); the run equals a DDP run
+of the same steps (losses, evaluation and final weights within 1e-5); stop and resume give the
+uninterrupted run; and final/ is a plain model that mmggem.load reads.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import ACCELERATE, accelerate_cli, cpu_env, free_port
+from test_train import assert_same_run, losses, ok, train_args
+
+import mmggem
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fsdp_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+               "-m", "mmggem", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+
+
+def evaluations(output_dir: Path) -> dict[str, float]:
+    records = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+    return {key: value for record in records for key, value in record.items() if key.startswith("eval/")}
+
+
+def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, small_eval_sets: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    zeroshot, _ = small_eval_sets
+    args = lambda out, *more: train_args(train_shards, out, "train.steps=6", "eval.every=3",  # noqa: E731
+                                         f"eval.datasets=[{zeroshot}]", *more)
+    ok(accelerate_cli(*args(tmp_path / "ddp")))
+    whole = tmp_path / "fsdp"
+    result = ok(fsdp_cli(*args(whole)))
+    summary = re.search(r"model: ([\d,]+) parameter elements; FSDP2: (\d+) of (\d+) parameters are DTensors sharded "
+                        r"over 2 processes, process 0 holds ([\d,]+) elements", result.stdout)
+    assert summary, result.stdout[-2000:]
+    total, local = int(summary[1].replace(",", "")), int(summary[4].replace(",", ""))
+    assert summary[2] == summary[3] and 0.4 * total < local < 0.6 * total
+    shards = sorted(p.name for p in (whole / "checkpoints" / "step_00000006").glob("pytorch_model_fsdp_0/*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+    assert_same_run(tmp_path / "ddp", whole, atol=1e-5)
+    ddp_eval, fsdp_eval = evaluations(tmp_path / "ddp"), evaluations(whole)
+    assert set(ddp_eval) == set(fsdp_eval) and len(ddp_eval) >= 3
+    assert all(abs(ddp_eval[key] - fsdp_eval[key]) <= 1e-5 for key in ddp_eval)
+
+    split = tmp_path / "split"
+    ok(fsdp_cli(*args(split, "train.stop_at_step=4")))
+    ok(fsdp_cli(*args(split, "train.resume=latest")))
+    assert_same_run(whole, split, atol=1e-6)
+    assert len(losses(split)) == 6
+
+    model, _, tokenizer = mmggem.load(whole / "final")
+    assert model.logit_scale.shape == () and model.visual.pooler.p.shape == (6,)
+    assert model.encode_text(tokenizer(["a photo of colour 1"])).shape == (1, 128)
