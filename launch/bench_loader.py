@@ -2,7 +2,9 @@
 
 Both read the same shards with the same number of workers, batch size, shuffle-buffer size, the same
 open_clip training transform (``image_transform(SIZE, is_train=True)``) and the same open_clip
-tokenizer, in epoch mode. Each side runs in its own process, one after the other, and reports
+tokenizer, in epoch mode. mmggem's side works as its trainer does: the workers hand over uint8
+batches and the main process converts and normalises them (on the device; here the CPU, inside the
+timed loop), where open_clip's workers hand over normalised float32 batches. Each side runs in its own process, one after the other, and reports
 samples/s over ``--batches`` batches after ``--warmup`` batches (the warm-up covers worker start and
 the shuffle buffer filling). open_clip_train needs webdataset 0.2.86 and pandas, so its side runs
 under ``--peer-python`` (a separate virtual environment; see shared docs/peers.md). This same file is
@@ -49,14 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed(batches, warmup: int, count: int) -> dict:
-    """Samples/s over ``count`` batches after ``warmup`` batches of an iterable of (images, tokens)."""
+def timed(batches, warmup: int, count: int, finish=None) -> dict:
+    """Samples/s over ``count`` batches after ``warmup`` batches of an iterable of (images, tokens).
+
+    ``finish`` (images -> images) runs on each batch in the timed loop, as the trainer's step would.
+    """
     iterator = iter(batches)
     for _ in range(warmup):
         next(iterator)
     start, samples = time.perf_counter(), 0
     for _ in range(count):
         images, tokens = next(iterator)
+        if finish is not None:
+            images = finish(images)
         samples += images.shape[0]
     seconds = time.perf_counter() - start
     return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
@@ -66,13 +73,14 @@ def timed(batches, warmup: int, count: int) -> dict:
 def run_mmggem(args: argparse.Namespace) -> dict:
     import open_clip
 
+    from mmggem.data.device import DeviceNormalizer, split_transform
     from mmggem.data.loader import TrainLoader
 
-    loader = TrainLoader(args.shards, transform=open_clip.image_transform(args.image_size, is_train=True),
-                         tokenizer=open_clip.get_tokenizer(args.tokenizer), batch_size=args.batch_size,
-                         num_workers=args.workers, seed=0, resampled=False, shuffle_buffer=SHUFFLE_BUFFER,
-                         rank=0, world_size=1, num_samples=args.num_samples)
-    return timed(loader, args.warmup, args.batches)
+    uint8, normalization = split_transform(open_clip.image_transform(args.image_size, is_train=True))
+    loader = TrainLoader(args.shards, transform=uint8, tokenizer=open_clip.get_tokenizer(args.tokenizer),
+                         batch_size=args.batch_size, num_workers=args.workers, seed=0, resampled=False,
+                         shuffle_buffer=SHUFFLE_BUFFER, rank=0, world_size=1, num_samples=args.num_samples)
+    return timed(loader, args.warmup, args.batches, finish=DeviceNormalizer(normalization, "cpu"))
 
 
 def run_open_clip(args: argparse.Namespace) -> dict:

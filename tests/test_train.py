@@ -53,8 +53,8 @@ def test_one_process_run_logs_checkpoints_and_exports(train_shards: str, tmp_pat
     assert f"model saved to {out / 'final'}" in result.stdout
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
-    for key in ("train/loss", "train/lr", "train/logit_scale", "perf/samples_per_s", "perf/data_wait_s",
-                "data/skipped_samples", *(f"train/pool_p/group_{g}" for g in range(6))):
+    for key in ("train/loss", "train/grad_norm", "train/lr", "train/logit_scale", "perf/samples_per_s",
+                "perf/data_wait_s", "data/skipped_samples", *(f"train/pool_p/group_{g}" for g in range(6))):
         assert all(key in r for r in records), key
     assert records[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
