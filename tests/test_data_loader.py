@@ -299,3 +299,33 @@ def test_batches_continue_across_epochs_with_uneven_worker_quotas(tmp_path: Path
         epoch = captions_of(loader)
         assert len(epoch) == 7 and len(set(sum(epoch, []))) == 21
         assert epoch == captions_of(fresh)
+
+
+def logged_pipe_spec(directory: Path, shards: int, log: Path) -> str:
+    """A ``pipe:`` spec over ``directory``'s shards whose command notes each shard it opens in ``log``."""
+    return f"pipe:sh -c 'echo {{00000..{shards - 1:05d}}} >> {log}; cat {directory}/{{00000..{shards - 1:05d}}}.tar'"
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_reads_only_the_shards_feeding_the_buffer_wherever_it_is(tmp_path: Path, resampled: bool) -> None:
+    caption_shards(tmp_path / "shards", [5] * 40)
+    log = tmp_path / "opened.txt"
+    spec = logged_pipe_spec(tmp_path / "shards", 40, log)
+    options = dict(resampled=resampled, batch_size=4, shuffle_buffer=8, num_samples=200)
+    reference = make_loader(spec, **options)
+    states = {}
+    expected = {}
+    batches = take(reference, 48)
+    for consumed in (5, 45):  # 10% and 90% of the epoch's 50 batches
+        loader = make_loader(spec, **options)
+        take(loader, consumed)
+        states[consumed] = json.loads(json.dumps(loader.state_dict()))
+        expected[consumed] = batches[consumed]
+    for consumed, state in states.items():
+        log.write_text("")
+        resumed = make_loader(spec, **options, state=state)
+        assert_same_batches(take(resumed, 1), [expected[consumed]])
+        opened = log.read_text().split()
+        # at most one shard per buffered sample, plus the shard being read (which may hold some of them);
+        # replaying from the start of the epoch would open about consumed * 4 / 5 shards (36 at 90%)
+        assert 1 <= len(opened) <= options["shuffle_buffer"] + 1, (consumed, opened)

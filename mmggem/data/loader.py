@@ -72,7 +72,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "unreadable_shard", "truncated_tar", "no_image", "no_caption",
     "caption_not_utf8", "empty_caption", "corrupt_image", "image_too_large",
 )
-STATE_VERSION = 1
+STATE_VERSION = 2
 _WEIGHT = re.compile(r"^(?P<pattern>.+)@(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
 _GLOB = re.compile(r"[*?[]")
@@ -261,23 +261,6 @@ def tar_samples(url: str, skips: Counter) -> Iterator[dict[str, Any]]:
         skips[status] += 1
 
 
-def shuffled(samples: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle through a buffer of ``buffer_size`` items: once full, each new item replaces a random one."""
-    if buffer_size <= 1:
-        yield from samples
-        return
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def _seed(*parts: int) -> int:
     """A 63-bit seed mixed from ``parts`` (room to add a sample index and stay a valid torch seed)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
@@ -296,6 +279,152 @@ def _seeded(seed: int) -> Iterator[None]:
         random.setstate(random_state)
 
 
+# --- one worker's raw samples, resumable ----------------------------------------------------------
+
+Origin = tuple[int, int, int]
+"""Where a raw sample came from: (pass, index of its shard in the worker's sequence, index in the shard)."""
+
+
+class _ShardSequence:
+    """The shards a logical worker reads in one epoch, addressable by (pass, index) without replaying.
+
+    Epoch mode: pass k goes through the worker's shards in an order seeded by k. Resampled mode: one
+    endless pass whose i-th shard is a weighted draw seeded by i.
+    """
+
+    def __init__(self, plan: _StreamPlan, epoch: int, worker: int, base_seed: int):
+        self.plan, self.base_seed = plan, base_seed
+        self.shards = () if plan.resampled else plan.assignment(epoch)[worker]
+        self._orders: dict[int, list[str]] = {}
+
+    def url(self, pass_index: int, index: int) -> str | None:
+        """The shard at ``index`` of pass ``pass_index``; None past the end of an epoch-mode pass."""
+        if self.plan.resampled:
+            return random.Random(_seed(self.base_seed, 1, index)).choices(self.plan.urls, self.plan.weights)[0]
+        if pass_index not in self._orders:
+            order = list(self.shards)
+            random.Random(_seed(self.base_seed, 2, pass_index)).shuffle(order)
+            self._orders = {pass_index: order}
+        order = self._orders[pass_index]
+        return order[index] if index < len(order) else None
+
+
+class _RawReader:
+    """A logical worker's raw samples in one epoch (tar -> shuffle buffer), resumable from a small snapshot.
+
+    The shuffle buffer works as webdataset's: once full, each new sample takes the place of a random
+    one, which is handed out; in epoch mode the buffer is shuffled and emptied at the end of each
+    pass over the worker's shards, so a pass holds each of their samples once. The snapshot names
+    the samples by origin (pass, shard, index) instead of holding them, and restoring it reads only
+    the shards those samples and the current read position are in: the cost of a resume is bounded
+    by the shards feeding the buffer, not by the position in the epoch.
+    """
+
+    def __init__(self, plan: _StreamPlan, epoch: int, worker: int, base_seed: int, skips: Counter,
+                 snapshot: dict[str, Any] | None = None):
+        self.plan, self.worker, self.skips = plan, worker, skips
+        self.sequence = _ShardSequence(plan, epoch, worker, base_seed)
+        self.rng = random.Random(_seed(base_seed, 3))
+        self.position: Origin = (0, 0, 0)  # the next sample to read
+        self.buffer: list[tuple[Origin, dict[str, Any]]] = []
+        self.draining: list[tuple[Origin, dict[str, Any]]] = []  # a finished pass's buffer, handed out from the end
+        self.empty_shards = 0  # shards in a row without a sample
+        self.pass_samples = 0  # samples read in the current pass
+        self._shard: Iterator[dict[str, Any]] | None = None
+        if snapshot is not None:
+            self._restore(snapshot)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self.draining:
+                return self.draining.pop()[1]
+            item = self._read()
+            if item is None:  # end of an epoch-mode pass
+                if self.pass_samples == 0:
+                    raise RuntimeError(f"rank {self.plan.rank} worker {self.worker}: no sample in its shards "
+                                       f"{list(self.sequence.shards)}; skipped: {dict(self.skips)}")
+                self.rng.shuffle(self.buffer)
+                self.draining, self.buffer = self.buffer, []
+                self.position, self.pass_samples = (self.position[0] + 1, 0, 0), 0
+                continue
+            if self.plan.shuffle_buffer <= 1:
+                return item[1]
+            if len(self.buffer) < self.plan.shuffle_buffer:
+                self.buffer.append(item)
+                continue
+            index = self.rng.randrange(self.plan.shuffle_buffer)
+            taken, self.buffer[index] = self.buffer[index], item
+            return taken[1]
+
+    def _read(self) -> tuple[Origin, dict[str, Any]] | None:
+        """The next sample of the shard sequence with its origin; None at the end of an epoch-mode pass."""
+        while True:
+            pass_index, shard_index, sample_index = self.position
+            if self._shard is None:
+                url = self.sequence.url(pass_index, shard_index)
+                if url is None:
+                    return None
+                self._shard = tar_samples(url, self.skips)
+            sample = next(self._shard, None)
+            if sample is not None:
+                self.position = (pass_index, shard_index, sample_index + 1)
+                self.pass_samples += 1
+                return (pass_index, shard_index, sample_index), sample
+            self._shard = None
+            self.empty_shards = 0 if sample_index else self.empty_shards + 1
+            limit = 2 * len(self.plan.urls) + 2
+            if self.plan.resampled and self.empty_shards >= limit:
+                raise RuntimeError(f"{self.empty_shards} shards in a row gave no sample (last: "
+                                   f"{self.sequence.url(pass_index, shard_index)}); skipped: {dict(self.skips)}")
+            self.position = (pass_index, shard_index + 1, 0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able description of the reader's state: origins, not samples."""
+        version, internal, gauss = self.rng.getstate()
+        return {"position": list(self.position), "buffer": [list(o) for o, _ in self.buffer],
+                "draining": [list(o) for o, _ in self.draining], "rng": [version, list(internal), gauss],
+                "empty_shards": self.empty_shards, "pass_samples": self.pass_samples}
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        version, internal, gauss = snapshot["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.empty_shards, self.pass_samples = int(snapshot["empty_shards"]), int(snapshot["pass_samples"])
+        buffer = [tuple(o) for o in snapshot["buffer"]]
+        draining = [tuple(o) for o in snapshot["draining"]]
+        samples = self._fetch(set(buffer) | set(draining))
+        self.buffer = [(o, samples[o]) for o in buffer]
+        self.draining = [(o, samples[o]) for o in draining]
+        pass_index, shard_index, sample_index = self.position = tuple(snapshot["position"])
+        if sample_index:  # reopen the shard being read and skip what was read of it
+            url = self.sequence.url(pass_index, shard_index)
+            self._shard = tar_samples(url, self.skips)
+            for _ in range(sample_index):
+                if next(self._shard, None) is None:
+                    raise RuntimeError(f"{url} holds fewer than the {sample_index} samples read from it before the "
+                                       "checkpoint: the shard changed")
+
+    def _fetch(self, origins: set[Origin]) -> dict[Origin, dict[str, Any]]:
+        """Re-read the samples at ``origins``, one pass over each shard they are in."""
+        found: dict[Origin, dict[str, Any]] = {}
+        for pass_index, shard_index in sorted({o[:2] for o in origins}):
+            wanted = {o[2] for o in origins if o[:2] == (pass_index, shard_index)}
+            url = self.sequence.url(pass_index, shard_index)
+            for index, sample in enumerate(tar_samples(url, Counter())):  # skips were counted the first time
+                if index in wanted:
+                    found[(pass_index, shard_index, index)] = sample
+                if index >= max(wanted):
+                    break
+        missing = origins - set(found)
+        if missing:
+            origin = min(missing)
+            raise RuntimeError(f"cannot resume: sample {origin[2]} of {self.sequence.url(*origin[:2])} is gone "
+                               "(the shard changed since the checkpoint)")
+        return found
+
+
 # --- one worker's batches -----------------------------------------------------------------------------
 
 
@@ -303,9 +432,10 @@ def _seeded(seed: int) -> Iterator[None]:
 class WorkerState:
     """A worker's position in the current epoch, as of the last batch the caller consumed."""
 
-    raw: int = 0
+    pulled: int = 0  # raw samples taken from the shuffle buffer (they seed the augmentations)
     batches: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    reader: dict[str, Any] | None = None  # _RawReader.snapshot(); None before the first batch
 
 
 @dataclass(frozen=True)
@@ -340,57 +470,17 @@ class _StreamPlan:
         return tuple(tuple(order[self.rank * workers + w::slots]) for w in range(workers))
 
 
-def _shard_samples(urls: Iterator[str], skips: Counter, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of the shards in ``urls``; ``limit`` shards in a row without a sample is an error."""
-    empty = 0
-    for url in urls:
-        count = 0
-        for sample in tar_samples(url, skips):
-            count += 1
-            yield sample
-        empty = 0 if count else empty + 1
-        if limit is not None and empty >= limit:
-            raise RuntimeError(f"{empty} shards in a row gave no sample (last: {url}); skipped: {dict(skips)}")
-
-
-def _raw_stream(plan: _StreamPlan, epoch: int, worker: int, base_seed: int,
-                skips: Counter) -> Iterator[dict[str, Any]]:
-    """A logical worker's infinite stream of raw samples in ``epoch``, after the shuffle buffer.
-
-    Epoch mode goes through the worker's shards in passes, each in a new order and shuffled on its
-    own (the buffer empties at the end of a pass), so a pass holds every sample of those shards once.
-    """
-    shard_rng, buffer_rng = random.Random(base_seed), random.Random(base_seed + 1)
-    if plan.resampled:
-        draws = (shard_rng.choices(plan.urls, weights=plan.weights)[0] for _ in iter(int, 1))
-        limit = 2 * len(plan.urls) + 2
-        yield from shuffled(_shard_samples(draws, skips, limit), plan.shuffle_buffer, buffer_rng)
-        return
-    shards = plan.assignment(epoch)[worker]
-    while True:
-        order = list(shards)
-        shard_rng.shuffle(order)
-        count = 0
-        for sample in shuffled(_shard_samples(iter(order), skips), plan.shuffle_buffer, buffer_rng):
-            count += 1
-            yield sample
-        if count == 0:
-            raise RuntimeError(f"rank {plan.rank} worker {worker}: no sample in its shards {order}; "
-                               f"skipped: {dict(skips)}")
-
-
 def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
                     start: WorkerState) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """The rest of logical ``worker``'s part of ``epoch`` from ``start``: (images, tokens, tag) batches."""
+    """The rest of logical ``worker``'s part of ``epoch`` from ``start``: (images, tokens, tag) batches.
+
+    The tag locates the batch (epoch, worker, counts) and carries the reader's snapshot after it.
+    """
     quota = plan.quotas[worker]
     base_seed = _seed(plan.seed, epoch, plan.rank, worker)
-    skips: Counter = Counter()
-    raw = _raw_stream(plan, epoch, worker, base_seed, skips)
-    for _ in range(start.raw):  # replay to the resume position without decoding
-        next(raw)
-    skips.clear()
-    skips.update(start.skipped)
-    pulled, batches, consecutive_skips = start.raw, start.batches, 0
+    skips: Counter = Counter(start.skipped)
+    raw = _RawReader(plan, epoch, worker, base_seed, skips, start.reader)
+    pulled, batches, consecutive_skips = start.pulled, start.batches, 0
     images: list[torch.Tensor] = []
     captions: list[str] = []
     while batches < quota:
@@ -411,7 +501,8 @@ def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
         captions.append(caption)
         if len(images) == plan.batch_size:
             batches += 1
-            tag = {"epoch": epoch, "worker": worker, "raw": pulled, "batches": batches, "skipped": dict(skips)}
+            tag = {"epoch": epoch, "worker": worker, "pulled": pulled, "batches": batches, "skipped": dict(skips),
+                   "reader": raw.snapshot()}
             yield torch.stack(images), plan.tokenizer(captions), tag
             images, captions = [], []
 
@@ -543,7 +634,7 @@ class TrainLoader:
         if (tag["epoch"], tag["worker"]) != expected:
             raise RuntimeError(f"batch from epoch {tag['epoch']} worker {tag['worker']} arrived where epoch "
                                f"{expected[0]} worker {expected[1]} was due")
-        self._positions[tag["worker"]] = WorkerState(tag["raw"], tag["batches"], tag["skipped"])
+        self._positions[tag["worker"]] = WorkerState(tag["pulled"], tag["batches"], tag["skipped"], tag["reader"])
         self._batches += 1
 
     def _plan(self) -> _StreamPlan:
@@ -583,7 +674,8 @@ class TrainLoader:
         """JSON-able position after the batches consumed so far (pass as ``state=`` to resume)."""
         return {
             "version": STATE_VERSION, "epoch": self._epoch, "batches": self._batches,
-            "workers": [{"raw": p.raw, "batches": p.batches, "skipped": dict(p.skipped)} for p in self._positions],
+            "workers": [{"pulled": p.pulled, "batches": p.batches, "skipped": dict(p.skipped), "reader": p.reader}
+                        for p in self._positions],
             "skipped_before": dict(self._skipped_before), "layout": self._layout(),
         }
 
@@ -595,8 +687,8 @@ class TrainLoader:
         if mismatched:
             details = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
             raise UserError(f"loader state was saved with a different setup, cannot resume exactly; {details}")
-        workers = [WorkerState(int(w["raw"]), int(w["batches"]), {str(k): int(v) for k, v in w["skipped"].items()})
-                   for w in state["workers"]]
+        workers = [WorkerState(int(w["pulled"]), int(w["batches"]), {str(k): int(v) for k, v in w["skipped"].items()},
+                               w["reader"]) for w in state["workers"]]
         if sum(w.batches for w in workers) != state["batches"]:
             raise ValueError("loader state is inconsistent: worker batch counts do not add up to 'batches'")
         self._epoch, self._batches, self._positions = int(state["epoch"]), int(state["batches"]), workers
