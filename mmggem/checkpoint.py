@@ -94,14 +94,15 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore accelerate's state from ``path``; return ``(trainer_state, this process's data_state)``."""
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Restore accelerate's state from ``path``; return ``(trainer_state, every saved process's data_state)``.
+
+    The model, optimizer and scheduler restore exactly whatever the number of processes now; so
+    does each process's RNG state where the checkpoint has one for its rank. Whether the data
+    position carries over exactly is the loader's decision (same setup) or an approximation.
+    """
     trainer_state = json.loads((path / STATE_FILE).read_text())
-    if trainer_state["world_size"] != accelerator.num_processes:
-        raise UserError(
-            f"{path} was written by {trainer_state['world_size']} processes, this run has "
-            f"{accelerator.num_processes}: exact resume needs the same number of processes"
-        )
     accelerator.load_state(str(path))
-    data_state = json.loads((path / f"data_state_rank{accelerator.process_index}.json").read_text())
-    return trainer_state, data_state
+    data_states = [json.loads((path / f"data_state_rank{rank}.json").read_text())
+                   for rank in range(int(trainer_state["world_size"]))]
+    return trainer_state, data_states

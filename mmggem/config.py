@@ -53,6 +53,7 @@ class DataConfig:
     resampled: bool = True
     shuffle_buffer: int = 1000
     workers: int = 2
+    accept_changed_shards: bool = False
 
 
 @dataclass

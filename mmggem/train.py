@@ -196,6 +196,22 @@ def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelera
     return results
 
 
+def restore_data_position(loader: TrainLoader, saved: list[dict[str, Any]], accelerator: Accelerator,
+                          cfg: RunConfig) -> bool:
+    """Put the loader where the checkpoint's run was; True when exactly, False when approximately.
+
+    Exact needs the same setup (world size, workers, batch size, shards, ...); otherwise the data
+    continues approximately and one warning says how (:meth:`TrainLoader.resume_approximately`).
+    """
+    mine = saved[accelerator.process_index] if len(saved) == accelerator.num_processes else None
+    if mine is not None and not loader.layout_differences(mine):
+        loader.load_state_dict(mine)
+        return True
+    warning = loader.resume_approximately(saved, cfg.data.accept_changed_shards)
+    accelerator.print(f"WARNING: {warning}")
+    return False
+
+
 def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
     """TF32 matmuls on CUDA when ``tf32`` (open_clip does the same); full fp32 otherwise."""
     if device.type == "cuda":
@@ -230,9 +246,9 @@ def train(cfg: RunConfig) -> TrainOutcome:
     accelerator.print(sharding_summary(accelerator, model))
     loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
 
-    state, data_state = TrainState(), None
+    state, data_states = TrainState(), None
     if resume_from is not None:
-        saved, data_state = load_checkpoint(accelerator, resume_from)
+        saved, data_states = load_checkpoint(accelerator, resume_from)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
@@ -240,13 +256,16 @@ def train(cfg: RunConfig) -> TrainOutcome:
         cfg.data.train, transform=train_transform, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
         num_workers=cfg.data.workers, seed=cfg.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_samples=cfg.data.num_samples, state=data_state,
+        world_size=accelerator.num_processes, num_samples=cfg.data.num_samples,
         pin_memory=accelerator.device.type == "cuda",
     )
+    approximate = data_states is not None and not restore_data_position(loader, data_states, accelerator, cfg)
     if cfg.log.wandb != "off":
         init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
     run_log = RunLog(accelerator, output_dir)
     run_log.rewind(state.step)
+    if approximate:
+        run_log.log({"data/resumed_approximately": 1}, state.step)
     stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
     run = _Run(cfg, accelerator, model, optimizer, scheduler, loss_fn, loader, DeviceNormalizer(normalization,
                accelerator.device), tokenizer, run_log, stop, state)

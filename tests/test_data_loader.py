@@ -159,7 +159,7 @@ def test_sample_count_comes_from_sizes_json_or_must_be_given(tmp_path: Path) -> 
     assert make_loader(str(tmp_path / "a/{00000..00001}.tar")).num_samples == 12
     assert make_loader(str(tmp_path / "a/00001.tar")).num_samples == 7
     assert make_loader(str(tmp_path / "a/*.tar")).num_samples == 12
-    with pytest.raises(ValueError, match="no sizes.json in .*b; pass num_samples"):
+    with pytest.raises(ValueError, match=r"no sizes.json in .*b; set .* data.num_samples .*data.num_samples=N\)"):
         make_loader(f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/b/00000.tar")
     both = f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/b/00000.tar"
     assert make_loader(both, num_samples=21).batches_per_epoch == 5

@@ -221,3 +221,43 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["train/bad_steps"] for r in records] == [0, 0, 1, 1, 2, 3][: len(records)]
     assert (out / "checkpoints" / "step_00000004").is_dir()
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("resampled", ["true", "false"])
+def test_resume_on_another_number_of_processes_continues_the_epoch_approximately(
+        train_shards: str, tmp_path: Path, resampled: str) -> None:
+    args = lambda out, *more: train_args(train_shards, out, "train.steps=6", f"data.resampled={resampled}",  # noqa: E731
+                                         *more)
+    reference = tmp_path / "two"
+    ok(accelerate_cli(*args(reference)))
+    for first, second, name in ((accelerate_cli, run_cli, "2to1"), (run_cli, accelerate_cli, "1to2")):
+        out = tmp_path / name
+        ok(first(*args(out, "train.stop_at_step=3")))
+        resumed = ok(second(*args(out, "train.resume=latest")))
+        assert resumed.stdout.count("WARNING: resuming approximately") == 1, resumed.stdout[-2000:]
+        assert "restored exactly" in resumed.stdout and "epoch 0 continues" in resumed.stdout
+        logged = records(out)
+        assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 7))
+        assert [r for r in logged if "data/resumed_approximately" in r][0]["step"] == 3
+        assert all(r["train/epoch"] == 0 for r in logged if "train/loss" in r)  # the epoch was not restarted
+        # the schedule and step continue exactly where the checkpoint left them
+        assert [r["train/lr"] for r in logged if r["step"] > 3 and "train/lr" in r] == \
+            [r["train/lr"] for r in records(reference) if r["step"] > 3]
+        mmggem.load(out / "final")
+
+
+def test_a_changed_shard_list_is_named_and_can_be_accepted(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(*train_args(train_shards, out, "train.steps=6", "train.stop_at_step=3")))
+    fewer = train_shards.replace("{000000..000003}", "{000000..000002}")
+    refused = run_cli(*train_args(fewer, out, "train.steps=6", "train.resume=latest"))
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "now 3" in refused.stderr and "then 4" in refused.stderr and "000003.tar" in refused.stderr
+    assert "data.accept_changed_shards=true" in refused.stderr
+    accepted = ok(run_cli(*train_args(fewer, out, "train.steps=6", "train.resume=latest",
+                                      "data.accept_changed_shards=true")))
+    assert "WARNING: resuming approximately" in accepted.stdout and (out / "final").is_dir()

@@ -42,6 +42,7 @@ tokenisation (more than any tokenizer context holds).
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import random
 import re
@@ -76,6 +77,8 @@ STATE_VERSION = 2
 _WEIGHT = re.compile(r"^(?P<pattern>.+)@(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
 _GLOB = re.compile(r"[*?[]")
+_NUM_SAMPLES_HINT = ("set the number of samples an epoch holds with the config key data.num_samples "
+                     "(on the command line: mmggem train CONFIG data.num_samples=N)")
 
 
 # --- shard specs ----------------------------------------------------------------------------------
@@ -85,7 +88,6 @@ _GLOB = re.compile(r"[*?[]")
 class Source:
     """One ``::``-separated part of a spec: its expanded shard URLs and sampling weight."""
 
-    pattern: str
     urls: tuple[str, ...]
     weight: float = 1.0
 
@@ -105,7 +107,7 @@ def parse_spec(spec: str) -> list[Source]:
         pattern, weight = (match["pattern"], float(match["weight"])) if match else (part, 1.0)
         if weight <= 0:
             raise UserError(f"source {part!r}: the weight after '@' must be positive")
-        sources.append(Source(pattern, tuple(_expand(pattern)), weight))
+        sources.append(Source(tuple(_expand(pattern)), weight))
     return sources
 
 
@@ -124,7 +126,7 @@ def _expand(pattern: str) -> list[str]:
         raise UserError(f"shard pattern {pattern!r} matches no file")
     if missing:
         raise UserError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
-                         f"e.g. {missing[0]}")
+                        f"e.g. {missing[0]}")
     return found
 
 
@@ -134,15 +136,15 @@ def count_samples(urls: list[str]) -> int:
     sizes_by_dir: dict[Path, dict[str, int] | None] = {}
     for url in urls:
         if is_remote(url):
-            raise UserError(f"cannot count the samples of remote shard {url}; pass num_samples")
+            raise UserError(f"cannot count the samples of remote shard {url}; {_NUM_SAMPLES_HINT}")
         directory = Path(url).parent
         if directory not in sizes_by_dir:
             sizes_by_dir[directory] = formats.read_sizes(directory)
         sizes = sizes_by_dir[directory]
         if sizes is None:
-            raise UserError(f"no {formats.SIZES_FILE} in {directory}; pass num_samples")
+            raise UserError(f"no {formats.SIZES_FILE} in {directory}; {_NUM_SAMPLES_HINT}")
         if Path(url).name not in sizes:
-            raise UserError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; pass num_samples")
+            raise UserError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; {_NUM_SAMPLES_HINT}")
         total += sizes[Path(url).name]
     return total
 
@@ -445,10 +447,11 @@ class _StreamPlan:
     seed: int
     rank: int
     world_size: int
+    workers: int  # logical workers of this rank
     resampled: bool
     urls: tuple[str, ...]
     weights: tuple[float, ...]
-    quotas: tuple[int, ...]  # batches of each logical worker in an epoch
+    batches_per_epoch: int
     start_epoch: int
     start_batches: int  # batches of start_epoch already consumed
     starts: tuple[WorkerState, ...]  # each logical worker's position in start_epoch
@@ -456,18 +459,34 @@ class _StreamPlan:
     shuffle_buffer: int
     transform: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
+    start_epoch_urls: tuple[str, ...] | None = None  # the shards an approximate resume left to start_epoch
+    start_epoch_batches: int | None = None  # its remaining batches
+    salt: int = 0  # nonzero after an approximate resume: start_epoch's streams are fresh ones
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return sum(self.quotas)
+    def epoch_batches(self, epoch: int) -> int:
+        if epoch == self.start_epoch and self.start_epoch_batches is not None:
+            return self.start_epoch_batches
+        return self.batches_per_epoch
+
+    def quota(self, epoch: int, worker: int) -> int:
+        """Batches of logical ``worker`` in ``epoch``: batch j of an epoch is worker ``j % workers``'s."""
+        batches = self.epoch_batches(epoch)
+        return batches // self.workers + (worker < batches % self.workers)
+
+    def _salted(self, epoch: int) -> tuple[int, ...]:
+        return (self.salt,) if self.salt and epoch == self.start_epoch else ()
+
+    def worker_seed(self, epoch: int, worker: int) -> int:
+        """The seed of everything random in a logical worker's part of an epoch."""
+        return _seed(self.seed, epoch, self.rank, worker, *self._salted(epoch))
 
     def assignment(self, epoch: int) -> tuple[tuple[str, ...], ...]:
         """Epoch mode: the epoch's shard order dealt round-robin to all ranks' workers; this rank's part."""
-        order = list(self.urls)
-        random.Random(_seed(self.seed, epoch)).shuffle(order)
-        workers = len(self.quotas)
-        slots = self.world_size * workers
-        return tuple(tuple(order[self.rank * workers + w::slots]) for w in range(workers))
+        urls = self.start_epoch_urls if epoch == self.start_epoch and self.start_epoch_urls else self.urls
+        order = list(urls)
+        random.Random(_seed(self.seed, epoch, *self._salted(epoch))).shuffle(order)
+        slots = self.world_size * self.workers
+        return tuple(tuple(order[self.rank * self.workers + w::slots]) for w in range(self.workers))
 
 
 def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
@@ -476,8 +495,8 @@ def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
 
     The tag locates the batch (epoch, worker, counts) and carries the reader's snapshot after it.
     """
-    quota = plan.quotas[worker]
-    base_seed = _seed(plan.seed, epoch, plan.rank, worker)
+    quota = plan.quota(epoch, worker)
+    base_seed = plan.worker_seed(epoch, worker)
     skips: Counter = Counter(start.skipped)
     raw = _RawReader(plan, epoch, worker, base_seed, skips, start.reader)
     pulled, batches, consecutive_skips = start.pulled, start.batches, 0
@@ -510,16 +529,17 @@ def _worker_batches(plan: _StreamPlan, epoch: int, worker: int,
 def _slot_batches(plan: _StreamPlan, slot: int, slots: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """DataLoader worker ``slot``'s batches, epoch after epoch, without end.
 
-    The DataLoader takes batch k of its (endless) iteration from worker ``k % slots``; counted from
-    the loader's start position, that is the batch at global index ``g = start + k`` (epoch
-    ``g // B``, index ``j = g % B`` in it, ``B`` batches an epoch), and batch ``j`` of an epoch
-    belongs to logical worker ``j % slots``. So within one epoch a slot always plays one logical
-    worker, and at each epoch boundary it moves on to the logical worker its next index falls to.
+    The DataLoader takes batch k of its (endless) iteration from worker ``k % slots``: counted from
+    the loader's start position, the k-th batch of the run's sequence of epochs, and batch ``j`` of an
+    epoch belongs to logical worker ``j % slots``. So within one epoch a slot always plays one
+    logical worker, and at each epoch boundary it moves on to the logical worker its next index
+    falls to.
     """
-    per_epoch = plan.batches_per_epoch
-    position = plan.start_epoch * per_epoch + plan.start_batches + slot
+    epoch, index = plan.start_epoch, plan.start_batches + slot  # this slot's next batch: index in epoch
     while True:
-        epoch, index = divmod(position, per_epoch)
+        while index >= plan.epoch_batches(epoch):
+            index -= plan.epoch_batches(epoch)
+            epoch += 1
         worker = index % slots
         start = plan.starts[worker] if epoch == plan.start_epoch else WorkerState()
         if start.batches != index // slots:
@@ -529,7 +549,7 @@ def _slot_batches(plan: _StreamPlan, slot: int, slots: int) -> Iterator[tuple[to
         for batch in _worker_batches(plan, epoch, worker, start):
             served += 1
             yield batch
-        position += served * slots
+        index += served * slots
 
 
 class _Stream(IterableDataset):
@@ -541,7 +561,7 @@ class _Stream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
-        return _slot_batches(self.plan, info.id if info is not None else 0, len(self.plan.quotas))
+        return _slot_batches(self.plan, info.id if info is not None else 0, self.plan.workers)
 
 
 # --- the loader -------------------------------------------------------------------------------------
@@ -602,15 +622,17 @@ class TrainLoader:
         self.batches_per_epoch = self.num_samples // (batch_size * world_size)
         if self.batches_per_epoch < 1:
             raise UserError(f"{self.num_samples} samples make no full batch of {batch_size} on each of "
-                             f"{world_size} rank(s)")
-        self._quotas = tuple(self.batches_per_epoch // self._workers + (w < self.batches_per_epoch % self._workers)
-                             for w in range(self._workers))
+                            f"{world_size} rank(s)")
+        self._digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
         self._epoch, self._batches = 0, 0
+        self._epoch_urls: tuple[str, ...] | None = None  # set by an approximate resume, for the current epoch
+        self._epoch_batches: int | None = None
+        self._salt = 0
         self._positions = [WorkerState() for _ in range(self._workers)]
         self._skipped_before: Counter = Counter()
         self._stream: Iterator[tuple[torch.Tensor, torch.Tensor, dict]] | None = None
         if state is not None:
-            self._load(state)
+            self.load_state_dict(state)
 
     # -- iteration --
 
@@ -621,7 +643,7 @@ class TrainLoader:
         while True:
             images, tokens, tag = next(self._stream)
             self._record(tag)
-            epoch_ended = self._batches == self.batches_per_epoch
+            epoch_ended = self._batches == self._current_epoch_batches()
             if epoch_ended:
                 self._next_epoch()
             yield images, tokens
@@ -637,18 +659,24 @@ class TrainLoader:
         self._positions[tag["worker"]] = WorkerState(tag["pulled"], tag["batches"], tag["skipped"], tag["reader"])
         self._batches += 1
 
+    def _current_epoch_batches(self) -> int:
+        return self._epoch_batches if self._epoch_batches is not None else self.batches_per_epoch
+
     def _plan(self) -> _StreamPlan:
         return _StreamPlan(
-            seed=self.seed, rank=self.rank, world_size=self.world_size, resampled=self.resampled, urls=self.urls,
-            weights=self.weights, quotas=self._quotas, start_epoch=self._epoch, start_batches=self._batches,
-            starts=tuple(self._positions), batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
-            transform=self.transform, tokenizer=self.tokenizer,
+            seed=self.seed, rank=self.rank, world_size=self.world_size, workers=self._workers,
+            resampled=self.resampled, urls=self.urls, weights=self.weights, batches_per_epoch=self.batches_per_epoch,
+            start_epoch=self._epoch, start_batches=self._batches, starts=tuple(self._positions),
+            batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, transform=self.transform,
+            tokenizer=self.tokenizer, start_epoch_urls=self._epoch_urls, start_epoch_batches=self._epoch_batches,
+            salt=self._salt,
         )
 
     def _next_epoch(self) -> None:
         for position in self._positions:
             self._skipped_before.update(position.skipped)
         self._epoch, self._batches = self._epoch + 1, 0
+        self._epoch_urls, self._epoch_batches, self._salt = None, None, 0
         self._positions = [WorkerState() for _ in range(self._workers)]
 
     # -- bookkeeping --
@@ -668,7 +696,8 @@ class TrainLoader:
     def _layout(self) -> dict[str, Any]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "workers": self._workers,
                 "batch_size": self.batch_size, "resampled": self.resampled, "shuffle_buffer": self.shuffle_buffer,
-                "shards": len(self.urls), "batches_per_epoch": self.batches_per_epoch}
+                "shards": len(self.urls), "shards_digest": self._digest, "first_shard": self.urls[0],
+                "last_shard": self.urls[-1], "batches_per_epoch": self.batches_per_epoch}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position after the batches consumed so far (pass as ``state=`` to resume)."""
@@ -677,13 +706,19 @@ class TrainLoader:
             "workers": [{"pulled": p.pulled, "batches": p.batches, "skipped": dict(p.skipped), "reader": p.reader}
                         for p in self._positions],
             "skipped_before": dict(self._skipped_before), "layout": self._layout(),
+            "epoch_urls": None if self._epoch_urls is None else list(self._epoch_urls),
+            "epoch_batches": self._epoch_batches, "salt": self._salt,
         }
 
-    def _load(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mismatched = {key: (value, state["layout"].get(key)) for key, value in self._layout().items()
-                      if state["layout"].get(key) != value}
+    def layout_differences(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Setup keys whose value differs in a saved state, as ``{key: (now, saved)}``; empty: exact resume."""
+        _check_version(state)
+        return {key: (value, state["layout"].get(key)) for key, value in self._layout().items()
+                if state["layout"].get(key) != value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where a loader of the same setup was (see :meth:`state_dict`)."""
+        mismatched = self.layout_differences(state)
         if mismatched:
             details = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
             raise UserError(f"loader state was saved with a different setup, cannot resume exactly; {details}")
@@ -693,3 +728,87 @@ class TrainLoader:
             raise ValueError("loader state is inconsistent: worker batch counts do not add up to 'batches'")
         self._epoch, self._batches, self._positions = int(state["epoch"]), int(state["batches"]), workers
         self._skipped_before = Counter({str(k): int(v) for k, v in state["skipped_before"].items()})
+        self._epoch_urls = None if state["epoch_urls"] is None else tuple(state["epoch_urls"])
+        self._epoch_batches, self._salt = state["epoch_batches"], int(state["salt"])
+
+    # -- resuming after the cluster changed --
+
+    def resume_approximately(self, saved: list[dict[str, Any]], accept_changed_shards: bool = False) -> str:
+        """Continue a run saved with another world size, worker count, batch size or sample count.
+
+        ``saved`` holds every old rank's state. The epoch and the skip counts carry over; the rest
+        of the epoch is the samples it had left, in batches of the new shape: in epoch mode drawn
+        from the shards no old worker had started, re-dealt to the new workers; in resampled mode
+        from fresh streams. Returns the warning to show. A shard list other than the saved one is
+        a UserError unless ``accept_changed_shards``; then the rest of the epoch is dealt from the
+        new list.
+        """
+        for state in saved:
+            _check_version(state)
+        old = saved[0]["layout"]
+        changed_shards = old["shards_digest"] != self._digest
+        if changed_shards and not accept_changed_shards:
+            raise UserError(
+                f"data.train lists other shards than the checkpoint's run: now {len(self.urls)} "
+                f"({self.urls[0]} .. {self.urls[-1]}), then {old['shards']} ({old['first_shard']} .. "
+                f"{old['last_shard']}){' with the same ends but others between' if old['shards'] == len(self.urls) else ''}"
+                "; set data.accept_changed_shards=true to continue with the new list (approximate resume)")
+        epoch = int(saved[0]["epoch"])
+        consumed = sum(int(state["batches"]) for state in saved) * old["batch_size"]
+        epoch_samples = (saved[0]["epoch_batches"] or old["batches_per_epoch"]) * old["batch_size"] * len(saved)
+        left = max(0, epoch_samples - consumed) // (self.batch_size * self.world_size)
+        urls: tuple[str, ...] | None = None
+        if not self.resampled:
+            finished = set() if changed_shards else _finished_shards(saved, self.urls, self.weights)
+            urls = tuple(url for url in self.urls if url not in finished)
+            if len(urls) < self.world_size * self._workers:
+                left = 0
+        if self.rank == 0:  # the old runs' skip counts, counted once over the ranks
+            for state in saved:
+                self._skipped_before.update(state["skipped_before"])
+                for worker in state["workers"]:
+                    self._skipped_before.update(worker["skipped"])
+        was = (f"world_size {old['world_size']}, {old['workers']} workers, batch_size {old['batch_size']}, "
+               f"{old['shards']} shards")
+        now = f"world_size {self.world_size}, {self._workers} workers, batch_size {self.batch_size}, " \
+              f"{len(self.urls)} shards"
+        header = (f"resuming approximately: the checkpoint was written with {was}, this run has {now}. The model, "
+                  "optimizer, scheduler and step are restored exactly; the data position is not: ")
+        if left < 1:
+            self._epoch = epoch + 1
+            return header + f"the rest of epoch {epoch} is skipped, epoch {epoch + 1} starts now."
+        self._epoch, self._epoch_batches, self._epoch_urls = epoch, left, urls
+        self._salt = max(int(state["salt"]) for state in saved) + 1
+        if self.resampled:
+            return header + f"epoch {epoch} continues for its remaining {left} batches from fresh shard streams."
+        return header + (f"epoch {epoch} continues for its remaining {left} batches with the {len(urls)} of "
+                         f"{len(self.urls)} shards no worker had started, re-dealt to the new workers (samples in "
+                         "the old shuffle buffers and in shards being read may be missed or repeated this epoch).")
+
+
+def _check_version(state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise UserError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}: the checkpoint comes "
+                        "from another mmggem version")
+
+
+def _finished_shards(saved: list[dict[str, Any]], urls: tuple[str, ...], weights: tuple[float, ...]) -> set[str]:
+    """Epoch mode: the shards the saved ranks' workers had read to the end in the saved epoch."""
+    finished: set[str] = set()
+    for state in saved:
+        layout = state["layout"]
+        plan = _StreamPlan(
+            seed=layout["seed"], rank=layout["rank"], world_size=layout["world_size"], workers=layout["workers"],
+            resampled=False, urls=urls, weights=weights, batches_per_epoch=layout["batches_per_epoch"],
+            start_epoch=int(state["epoch"]), start_batches=int(state["batches"]), starts=(),
+            batch_size=layout["batch_size"], shuffle_buffer=layout["shuffle_buffer"], transform=None,
+            tokenizer=None, start_epoch_urls=None if state["epoch_urls"] is None else tuple(state["epoch_urls"]),
+            start_epoch_batches=state["epoch_batches"], salt=int(state["salt"]))
+        for worker, position in enumerate(state["workers"]):
+            if position["reader"] is None:
+                continue
+            pass_index, shard_index, _ = position["reader"]["position"]
+            sequence = _ShardSequence(plan, plan.start_epoch, worker, plan.worker_seed(plan.start_epoch, worker))
+            done = len(sequence.shards) if pass_index > 0 else shard_index
+            finished.update(sequence.url(0, index) for index in range(done))
+    return finished
