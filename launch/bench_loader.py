@@ -4,11 +4,12 @@ Both read the same shards with the same number of workers, batch size, shuffle-b
 open_clip training transform (``image_transform(SIZE, is_train=True)``) and the same open_clip
 tokenizer, in epoch mode. mmggem's side works as its trainer does: the workers hand over uint8
 batches and the main process converts and normalises them (on the device; here the CPU, inside the
-timed loop), where open_clip's workers hand over normalised float32 batches. Each side runs in its own process, one after the other, and reports
-samples/s over ``--batches`` batches after ``--warmup`` batches (the warm-up covers worker start and
-the shuffle buffer filling). open_clip_train needs webdataset 0.2.86 and pandas, so its side runs
-under ``--peer-python`` (a separate virtual environment; see shared docs/peers.md). This same file is
-the peer's entry point (``--side open_clip``); that side imports nothing from mmggem.
+timed loop), where open_clip's workers hand over normalised float32 batches. Each side runs in its
+own process, one after the other, and reports samples/s over ``--batches`` batches after ``--warmup``
+batches (the warm-up covers worker start and the shuffle buffer filling). open_clip_train needs
+webdataset 0.2.86 and pandas, so its side runs under ``--peer-python`` (a separate virtual
+environment; see shared docs/peers.md). This same file is the peer's entry point (``--side
+open_clip``); that side imports nothing from mmggem.
 
     python launch/bench_loader.py --peer-python /work/peers-venv/bin/python
     python launch/bench_loader.py --peer-python ... --shards 'demo/train/{00000..00006}.tar' --image-size 28

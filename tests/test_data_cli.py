@@ -63,7 +63,7 @@ def test_captions_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert run_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "wrote training shards: 5 samples in 3 shard(s)" in printed
-    assert "skipped 1 (missing file): 9.png" in printed
+    assert "skipped 1 (missing_file): 9.png" in printed
     assert sorted(all_captions(str(tmp_path / "shards" / "{00000..00002}.tar"))) == [f"caption {i}" for i in range(5)]
     (tmp_path / "images" / "0.png").write_bytes(image_bytes(solid((1, 2, 3))))
     assert run_cli(argv) == 1
@@ -104,7 +104,7 @@ def test_retrieval_command_round_trip_with_several_captions_per_image(tmp_path: 
     assert result.returncode == 0, result.stderr
     printed = result.stdout
     assert "wrote retrieval set: 3 samples in 1 shard(s)" in printed
-    assert "skipped 1 (empty caption): 2.webp (line 5)" in printed
+    assert "skipped 1 (empty_caption): 2.webp (line 5)" in printed
     assert [captions for _, captions in clip_benchmark_load(tmp_path / "set")] == [["zero", "nought"], ["one"], ["two"]]
 
 
@@ -130,7 +130,7 @@ def test_captions_with_no_usable_pair_name_the_out_folder_and_every_reason(tmp_p
     error = result.stderr.strip().splitlines()[-1]  # after the progress bar
     assert ".partial" not in error
     assert error.startswith(f"mmggem data: error: nothing written to {out}: no usable (image, caption) pair (")
-    assert "skipped 7 (missing file): gone0.png, gone1.png, gone2.png, gone3.png, gone4.png, ..." in error
-    assert "skipped 1 (unreadable image): broken.png" in error
-    assert "skipped 1 (empty caption): silent.png (line 3)" in error and "skipped 1 (no caption): silent.png" in error
+    assert "skipped 7 (missing_file): gone0.png, gone1.png, gone2.png, gone3.png, gone4.png, ..." in error
+    assert "skipped 1 (corrupt_image): broken.png" in error
+    assert "skipped 1 (empty_caption): silent.png (line 3)" in error and "skipped 1 (no_caption): silent.png" in error
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["captions.csv", "images"]

@@ -151,8 +151,8 @@ def test_images_keep_their_bytes_or_become_png_and_bad_inputs_are_reported(tmp_p
     report = build_from_captions(images, tmp_path / "captions.csv", tmp_path / "out", layout="training",
                                  samples_per_shard=2, progress=False)
     assert (report.samples, report.shards) == (4, 2)
-    assert report.skipped_by_reason() == {"unreadable image": 1, "missing file": 1, "empty caption": 1,
-                                          "no caption row": 1}
+    assert report.skipped_by_reason() == {"corrupt_image": 1, "missing_file": 1, "empty_caption": 1,
+                                          "no_caption_row": 1}
     assert {s.item for s in report.skipped} == {"broken.png", "gone.png", "photo.jpeg (line 7)", "unlisted.png"}
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2}
     assert tar_members(tmp_path / "out" / "00000.tar") == [
@@ -198,7 +198,7 @@ def test_class_folders_give_sorted_labels_and_templates_must_name_the_class(tmp_
         build_classification_set(tmp_path / "images", tmp_path / "out", templates=["a {c}", "a photo"], progress=False)
     assert not (tmp_path / "out").exists()
     report = build_classification_set(tmp_path / "images", tmp_path / "out", progress=False)
-    assert report.skipped_by_reason() == {"not in a class folder": 1}
+    assert report.skipped_by_reason() == {"not_in_class_folder": 1}
     loaded = open_eval_set(tmp_path / "out")
     assert loaded.classnames == ["golden retriever", "zebra"]
     assert loaded.templates == list(formats.DEFAULT_TEMPLATES)

@@ -78,7 +78,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path: Path) -> None:
         assert two == json.loads((tmp_path / "one" / f"{name}.json").read_text())
         assert (two["dataset"], two["task"], two["model"]) == (name, "zeroshot_classification", "ViT-Ti-4-28")
     seven = json.loads((tmp_path / "two" / "cli" / "seven.json").read_text())
-    assert seven["num_samples"] == 40 and seven["skipped"] == {"undecodable image": 1}
+    assert seven["num_samples"] == 40 and seven["skipped"] == {"corrupt_image": 1}
     assert set(seven["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
 
     # the trainer's path: every process returns the one-process result, the model goes back to train mode
@@ -89,7 +89,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path: Path) -> None:
             got = json.loads((tmp_path / "two" / f"{name}.rank{rank}.json").read_text())
             assert got == {"metrics": alone.metrics, "num_samples": alone.num_samples, "skipped": alone.skipped,
                            "task": alone.task, "wrapped": True, "training_after": True}
-    assert alone.task == "zeroshot_retrieval" and alone.skipped == {"undecodable image": 1}
+    assert alone.task == "zeroshot_retrieval" and alone.skipped == {"corrupt_image": 1}
 
 
 def run_worker(checkpoint: str, out: str, seven: str, three: str, captions: str) -> None:

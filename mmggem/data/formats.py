@@ -52,7 +52,7 @@ SIZES_FILE = "sizes.json"
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 """Shard size when none is given, as img2dataset and CLIP_benchmark's exporter."""
 
-TRAIN_SHARD_DIGITS = 5
+TRAIN_SHARD_PATTERN = "%05d.tar"
 """Training shards are named like img2dataset's: 00000.tar, 00001.tar, ..."""
 
 # --- CLIP_benchmark evaluation sets -------------------------------------------------------------
@@ -62,6 +62,8 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 NSHARDS_FILE = "nshards.txt"
 EVAL_SPLIT = "test"
+EVAL_SHARD_PATTERN = "%d.tar"
+"""Evaluation shards are named as CLIP_benchmark's exporter names them: 0.tar, 1.tar, ..."""
 """The split mmggem writes and evaluates (CLIP_benchmark's default)."""
 
 CLASSIFICATION = "classification"
@@ -82,14 +84,9 @@ CLASS_PLACEHOLDER = "{c}"
 """Marks the class name in a zero-shot template; templates are filled with ``template.format(c=name)``."""
 
 
-def train_shard_name(index: int) -> str:
-    """File name of training shard ``index``: ``00000.tar`` style."""
-    return f"{index:0{TRAIN_SHARD_DIGITS}d}.tar"
-
-
 def eval_shard_name(index: int) -> str:
     """File name of evaluation shard ``index``: ``0.tar``, ``1.tar``, ... (no padding)."""
-    return f"{index}.tar"
+    return EVAL_SHARD_PATTERN % index
 
 
 def eval_sample_key(index: int) -> str:

@@ -26,17 +26,21 @@ buffer, the transform's torch and ``random`` draws, seeded per sample) follows f
 worker). The DataLoader's worker processes persist across epochs: each plays, epoch after epoch, the
 logical worker its next batch falls to.
 
-Resume: each batch carries its worker's count of raw samples pulled from the shuffle buffer. The
+Resume: each batch carries its worker's reader snapshot (position in its shard sequence, the origins
+of the samples in its shuffle buffer, the buffer's random state) and its count of samples pulled. The
 loader records it for the batches the caller consumed (``state_dict()``); a loader built with that
-state has each worker replay its raw stream (tar reads and shuffle, no decoding) to that count and
-continue, so the next batch equals the one an uninterrupted run would have yielded.
+state has each worker re-read only the shards those samples and its read position are in, so the next
+batch equals the one an uninterrupted run would have yielded and a resume costs a few shards, not the
+epoch so far. A state from another setup (world size, workers, batch size, ...) continues
+approximately (``resume_approximately``).
 
-Bad samples are skipped and counted by reason (``skipped()``): unreadable_shard, truncated_tar,
-no_image, no_caption, caption_not_utf8, empty_caption, corrupt_image, image_too_large (above Pillow's
-MAX_IMAGE_PIXELS). Images are converted to RGB: palette and grey via Pillow, CMYK via Pillow,
-16-bit ('I;16', 'I') by keeping the high byte, and images with transparency composited on white,
-as a viewer shows them (plain conversion would expose whatever colour hides under transparent
-pixels, often black). Captions are stripped and cut to MAX_CAPTION_CHARS characters before
+Tar members group into samples by webdataset's own rules (:mod:`mmggem.data.tars`). Bad samples are
+skipped and counted by reason (``skipped()``, reasons of :mod:`mmggem.data.skips`): unreadable_shard,
+truncated_tar, duplicate_member, no_image, no_caption, caption_not_utf8, empty_caption, corrupt_image,
+image_too_large (above Pillow's MAX_IMAGE_PIXELS). Images are converted to RGB: palette and grey via
+Pillow, CMYK via Pillow, 16-bit ('I;16', 'I') by keeping the high byte, and images with transparency
+composited on white, as a viewer shows them (plain conversion would expose whatever colour hides under
+transparent pixels, often black). Captions are stripped and cut to MAX_CAPTION_CHARS characters before
 tokenisation (more than any tokenizer context holds).
 """
 from __future__ import annotations
@@ -61,21 +65,19 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
 
 from . import formats
+from .skips import skip_reason
+from .tars import DUPLICATE_MEMBER, group_samples
 from ..errors import UserError
 
 MAX_CAPTION_CHARS = 8192
 MAX_CONSECUTIVE_SKIPS = 10_000
 """A worker that skips this many samples in a row stops with an error: its data is unusable."""
 
-SKIP_REASONS: tuple[str, ...] = (
-    "unreadable_shard", "truncated_tar", "no_image", "no_caption",
-    "caption_not_utf8", "empty_caption", "corrupt_image", "image_too_large",
-)
 STATE_VERSION = 2
 _WEIGHT = re.compile(r"^(?P<pattern>.+)@(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
-_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
 _GLOB = re.compile(r"[*?[]")
 _NUM_SAMPLES_HINT = ("set the number of samples an epoch holds with the config key data.num_samples "
                      "(on the command line: mmggem train CONFIG data.num_samples=N)")
@@ -153,12 +155,10 @@ def count_samples(urls: list[str]) -> int:
 
 
 class Skip(Exception):
-    """A sample that cannot be used; ``reason`` is one of SKIP_REASONS."""
+    """A sample that cannot be used; ``reason`` is one of :data:`mmggem.data.skips.SKIP_REASONS`."""
 
     def __init__(self, reason: str):
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; valid: {', '.join(SKIP_REASONS)}")
-        super().__init__(reason)
+        super().__init__(skip_reason(reason))
         self.reason = reason
 
 
@@ -218,17 +218,13 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
 # --- raw sample streams ---------------------------------------------------------------------------
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member as webdataset groups them: the key ends at the basename's first dot."""
-    directory, _, base = name.rpartition("/")
-    if "." not in base or _METADATA_MEMBER.search(name):
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def tar_samples(url: str, skips: Counter) -> Iterator[dict[str, Any]]:
-    """Samples (dicts of raw bytes by extension) of one shard; a read error ends the shard and is counted."""
+    """Samples (dicts of raw bytes by extension) of one shard, as webdataset reads them (:mod:`.tars`).
+
+    A read error ends the shard and is counted (``truncated_tar``; the sample being read is
+    dropped), as is a shard that cannot be opened (``unreadable_shard``) and a sample with two
+    members of one extension (``duplicate_member``).
+    """
     try:
         stream = wds.gopen(url)
     except Exception:
@@ -236,23 +232,11 @@ def tar_samples(url: str, skips: Counter) -> Iterator[dict[str, Any]]:
         return
     status = None  # stays None only while the consumer closes this generator early
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            key, sample = None, {}
-            for member in tar:
-                parts = _split_name(member.name) if member.isfile() else None
-                if parts is None:
-                    continue
-                data = tar.extractfile(member).read()
-                if parts[0] != key:
-                    if sample:
-                        yield sample
-                    key, sample = parts[0], {formats.KEY_FIELD: parts[0], "__url__": url}
-                sample[parts[1]] = data
-            if sample:
-                yield sample
+        members = ((member["fname"], member["data"]) for member in tar_file_iterator(stream))
+        yield from group_samples(members, url, on_duplicate=lambda key, name: skips.update([DUPLICATE_MEMBER]))
         status = "ok"
     except (tarfile.TarError, OSError, EOFError, zlib.error):
-        status = "truncated_tar"  # the sample being read when the error came is dropped
+        status = "truncated_tar"
     finally:
         try:
             stream.close()
@@ -748,11 +732,13 @@ class TrainLoader:
         old = saved[0]["layout"]
         changed_shards = old["shards_digest"] != self._digest
         if changed_shards and not accept_changed_shards:
+            same_ends = (old["shards"], old["first_shard"], old["last_shard"]) == (len(self.urls), self.urls[0],
+                                                                                   self.urls[-1])
             raise UserError(
                 f"data.train lists other shards than the checkpoint's run: now {len(self.urls)} "
                 f"({self.urls[0]} .. {self.urls[-1]}), then {old['shards']} ({old['first_shard']} .. "
-                f"{old['last_shard']}){' with the same ends but others between' if old['shards'] == len(self.urls) else ''}"
-                "; set data.accept_changed_shards=true to continue with the new list (approximate resume)")
+                f"{old['last_shard']}){', the same ends with others between' if same_ends else ''}; set "
+                "data.accept_changed_shards=true to continue with the new list (approximate resume)")
         epoch = int(saved[0]["epoch"])
         consumed = sum(int(state["batches"]) for state in saved) * old["batch_size"]
         epoch_samples = (saved[0]["epoch_batches"] or old["batches_per_epoch"]) * old["batch_size"] * len(saved)

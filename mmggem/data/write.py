@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..fileio import atomic_directory
 from ..errors import MissingPathError, UsageError, UserError
 from . import formats
+from .skips import skip_reason
 
 CAPTION_FILE_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
 """Accepted caption-file suffixes and their column delimiter (JSONL has none)."""
@@ -78,8 +79,13 @@ class CaptionRow:
 
 @dataclass(frozen=True)
 class Skipped:
+    """An input left out: what it was, and why (one of :data:`mmggem.data.skips.SKIP_REASONS`)."""
+
     item: str
     reason: str
+
+    def __post_init__(self) -> None:
+        skip_reason(self.reason)
 
 
 @dataclass
@@ -123,28 +129,24 @@ class NothingToWrite(UserError):
 
 
 class _Shards:
-    """Writes samples into numbered tar shards of at most ``per_shard`` samples each."""
+    """webdataset's ShardWriter, numbering shards by ``pattern``, with a count of samples per shard.
 
-    def __init__(self, directory: Path, name: Callable[[int], str], per_shard: int):
+    The counts are what ``sizes.json`` and ``nshards.txt`` record.
+    """
+
+    def __init__(self, directory: Path, pattern: str, per_shard: int):
         if per_shard < 1:
             raise UsageError(f"samples per shard must be at least 1, got {per_shard}")
-        self.directory, self.name, self.per_shard = directory, name, per_shard
-        self.counts: dict[str, int] = {}
-        self._writer: wds.TarWriter | None = None
+        self.counts: Counter[str] = Counter()
+        self._writer = wds.ShardWriter(str(directory / pattern), maxcount=per_shard, maxsize=float("inf"),
+                                       verbose=0, mtime=_TAR_MTIME)
 
     def write(self, sample: dict) -> None:
-        if self._writer is None or self.counts[self._current] == self.per_shard:
-            self.close()
-            self._current = self.name(len(self.counts))
-            self.counts[self._current] = 0
-            self._writer = wds.TarWriter(str(self.directory / self._current), mtime=_TAR_MTIME)
         self._writer.write(sample)
-        self.counts[self._current] += 1
+        self.counts[Path(self._writer.fname).name] += 1
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._writer.close()
 
 
 # --- writing samples into a directory ------------------------------------------------------------
@@ -154,7 +156,7 @@ def write_training_shards(
     directory: Path, samples: Iterable[TrainingSample], samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD
 ) -> dict[str, int]:
     """Write training shards and ``sizes.json`` into an existing ``directory``; return shard name -> count."""
-    shards = _Shards(Path(directory), formats.train_shard_name, samples_per_shard)
+    shards = _Shards(Path(directory), formats.TRAIN_SHARD_PATTERN, samples_per_shard)
     try:
         for index, sample in enumerate(samples):
             record = {formats.KEY_FIELD: f"{index:09d}", sample.image.ext: sample.image.data,
@@ -173,7 +175,7 @@ def write_training_shards(
 def _write_eval_shards(directory: Path, records: Iterable[dict], samples_per_shard: int) -> dict[str, int]:
     split_dir = Path(directory) / formats.EVAL_SPLIT
     split_dir.mkdir(parents=True, exist_ok=True)
-    shards = _Shards(split_dir, formats.eval_shard_name, samples_per_shard)
+    shards = _Shards(split_dir, formats.EVAL_SHARD_PATTERN, samples_per_shard)
     try:
         for index, record in enumerate(records):
             shards.write({formats.KEY_FIELD: formats.eval_sample_key(index), **record})
@@ -232,9 +234,9 @@ def encode_image_file(path: Path) -> EncodedImage:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ImageError("missing file") from None
+        raise ImageError("missing_file") from None
     except OSError:
-        raise ImageError("unreadable file") from None
+        raise ImageError("unreadable_file") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -248,9 +250,9 @@ def encode_image_file(path: Path) -> EncodedImage:
                 image.convert("RGB").save(buffer, format="PNG")
             return EncodedImage("png", buffer.getvalue())
     except Image.DecompressionBombError:
-        raise ImageError("image too large") from None
+        raise ImageError("image_too_large") from None
     except Exception:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...) for bad bytes
-        raise ImageError("unreadable image") from None
+        raise ImageError("corrupt_image") from None
 
 
 def read_caption_rows(
@@ -321,17 +323,17 @@ def _group_captions(rows: list[CaptionRow], images: Path, skipped: list[Skipped]
     grouped: dict[str, list[str]] = {}
     for row in rows:
         if not row.file.strip():
-            skipped.append(Skipped(f"line {row.line}", "empty file name"))
+            skipped.append(Skipped(f"line {row.line}", "empty_file_name"))
             continue
         grouped.setdefault(row.file, [])
         if not row.caption.strip():
-            skipped.append(Skipped(f"{row.file} (line {row.line})", "empty caption"))
+            skipped.append(Skipped(f"{row.file} (line {row.line})", "empty_caption"))
         else:
             grouped[row.file].append(row.caption.strip())
     listed = {str((images / name).resolve()) for name in grouped}
-    skipped.extend(Skipped(str(p.relative_to(images)), "no caption row") for p in _image_files(images)
+    skipped.extend(Skipped(str(p.relative_to(images)), "no_caption_row") for p in _image_files(images)
                    if str(p.resolve()) not in listed)
-    skipped.extend(Skipped(name, "no caption") for name, captions in grouped.items() if not captions)
+    skipped.extend(Skipped(name, "no_caption") for name, captions in grouped.items() if not captions)
     return {name: captions for name, captions in grouped.items() if captions}
 
 
@@ -443,7 +445,7 @@ def build_classification_set(
     formats.check_templates(templates, "zero-shot templates")
     report = WriteReport(Path(out), "classification set")
     classes = class_folders(images)
-    report.skipped.extend(Skipped(p.name, "not in a class folder") for p in images.iterdir()
+    report.skipped.extend(Skipped(p.name, "not_in_class_folder") for p in images.iterdir()
                           if p.is_file() and not p.name.startswith("."))
     files = [(label, path) for label, (_, folder) in enumerate(classes) for path in _image_files(folder)]
 

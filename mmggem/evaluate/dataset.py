@@ -2,11 +2,9 @@
 
 The layout (see :mod:`mmggem.data.formats`) is the one
 ``clip_benchmark.datasets.builder.build_wds_dataset`` reads. Samples are
-grouped from tar members exactly as webdataset groups them (the key is the
-member name up to the first dot of its base name, consecutive members with one
-key form a sample, extensions are lower-cased, ``__*__`` members are skipped),
-and the image is the first of ``webp``, ``png``, ``jpg``, ``jpeg`` present,
-decoded as webdataset's ``"pil"`` image handler does (open, load, convert to RGB).
+grouped from tar members by webdataset's own rules and grouping, which the
+training loader shares (:mod:`mmggem.data.tars`), and the image is the first
+of ``webp``, ``png``, ``jpg``, ``jpeg`` present, decoded as webdataset's ``"pil"`` image handler does (open, load, convert to RGB).
 
 Why not a webdataset pipeline: a set is scanned once, reading only tar headers
 and the small ``cls`` / ``txt`` members, into a list of samples with the byte
@@ -16,8 +14,9 @@ read and decode only the images it encodes, whatever the number of shards.
 Processes take contiguous blocks of the sample list; gathering their results in
 index order gives exactly the features one process would compute.
 
-Samples that cannot be used are skipped and counted by reason (no image, no
-label, an image that fails to decode); anything that would make a number wrong
+Samples that cannot be used are skipped and counted by reason (``no_image``,
+``no_label``, ``no_caption``, ``corrupt_image``: the vocabulary of
+:mod:`mmggem.data.skips`); anything that would make a number wrong
 (a malformed label, a truncated shard, duplicate members) is an error naming the
 shard and key.
 """
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import formats
+from ..data.skips import skip_reason
+from ..data.tars import group_samples
 from ..errors import MissingPathError, UserError
 
 if TYPE_CHECKING:
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 _SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # webdataset's rules: key = everything up to the first dot of the base name; "__x__" members are metadata.
-_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class Skips:
     first: dict[str, str] = field(default_factory=dict)
 
     def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
+        self.counts[skip_reason(reason)] += 1
         self.first.setdefault(reason, where)
 
     def update(self, other: "Skips") -> None:
@@ -145,37 +143,35 @@ def _optional_lines(path: Path) -> list[str] | None:
 
 
 def _grouped_members(shard: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """Yield ``(key, {extension: member}, tar)`` per sample of ``shard``, grouped as webdataset groups them."""
+    """Yield ``(key, {extension: member}, tar)`` per sample of ``shard``, grouped by webdataset's rules.
+
+    Only tar headers are read here; a member ending past the end of the file, a corrupt header
+    or a duplicate member is an error naming the shard.
+    """
     shard_bytes = shard.stat().st_size
     try:
         tar = tarfile.open(shard, mode="r:")
     except tarfile.TarError as error:
         raise UserError(f"{shard}: not a readable uncompressed tar file ({error})") from None
+
+    def members() -> Iterator[tuple[str, tarfile.TarInfo]]:
+        for info in tar:
+            if not info.isreg():
+                continue
+            if info.offset_data + info.size > shard_bytes:
+                raise UserError(f"{shard}: truncated; member {info.name!r} ends past the end of the file")
+            yield info.name, info
+
+    def duplicate(key: str, name: str) -> None:
+        raise UserError(f"{shard}: sample {key!r} has two members with the extension of {name!r}")
+
     with tar:
-        key: str | None = None
-        members: dict[str, tarfile.TarInfo] = {}
         try:
-            for info in tar:
-                if not info.isreg() or _METADATA_MEMBER.match(info.name):
-                    continue
-                match = _KEY_AND_EXTENSION.match(info.name)
-                if match is None:
-                    continue
-                if info.offset_data + info.size > shard_bytes:
-                    raise UserError(f"{shard}: truncated; member {info.name!r} ends past the end of the file")
-                member_key, extension = match.group(1), match.group(2).lower()
-                if member_key != key:
-                    if members:
-                        yield key, members, tar
-                    key, members = member_key, {}
-                if extension in members:
-                    raise UserError(f"{shard}: sample {key!r} has two {extension!r} members")
-                members[extension] = info
+            for sample in group_samples(members(), str(shard), on_duplicate=duplicate):
+                yield sample[formats.KEY_FIELD], {k: v for k, v in sample.items() if not k.startswith("__")}, tar
         except tarfile.TarError as error:
             raise UserError(f"{shard}: corrupt tar file ({error})") from None
         _check_end_of_archive(shard, tar.offset)
-        if members:
-            yield key, members, tar
 
 
 def _check_end_of_archive(shard: Path, end: int) -> None:
@@ -203,13 +199,13 @@ def _add_sample(
     where = f"{shard}:{key}"
     extension = formats.image_key(members)
     if extension is None:
-        skips.add(f"no image ({'/'.join(formats.IMAGE_EXTENSIONS)})", where)
+        skips.add("no_image", where)
         return
     image = members[extension]
     place = dict(shard=shard, key=key, image_offset=image.offset_data, image_size=image.size)
     if dataset_type == formats.RETRIEVAL:
         if formats.CAPTION_KEY not in members:
-            skips.add(f"no {formats.CAPTION_KEY} captions", where)
+            skips.add("no_caption", where)
             return
         text = _read_member(tar, members[formats.CAPTION_KEY])
         try:
@@ -219,7 +215,7 @@ def _add_sample(
         samples.append(Sample(**place, captions=tuple(captions)))
     else:
         if formats.LABEL_KEY not in members:
-            skips.add(f"no {formats.LABEL_KEY} label", where)
+            skips.add("no_label", where)
             return
         raw = _read_member(tar, members[formats.LABEL_KEY])
         try:
@@ -412,7 +408,7 @@ def _all_skips(evalset: EvalSet, failures: list[tuple[int, str]], processes: Pro
     skips = Skips()
     skips.update(evalset.skips)
     for index, message in failures:
-        skips.add("undecodable image", f"{evalset.samples[index].where}: {message}")
+        skips.add("corrupt_image", f"{evalset.samples[index].where}: {message}")
     if skips.counts and processes.is_main:
         log.warning("%s: skipped %d sample(s): %s", evalset.root, sum(skips.counts.values()), skips.describe())
     return skips
