@@ -35,7 +35,9 @@ def run_workers(out: Path, shards: str, processes: int, *overrides: str) -> list
 @pytest.mark.parametrize("grad_clip", ["1.0", "null"])
 def test_steps_between_log_steps_read_nothing_from_the_device(train_shards: str, tmp_path: Path, processes: int,
                                                               grad_clip: str) -> None:
-    for result in run_workers(tmp_path, train_shards, processes, f"train.grad_clip={grad_clip}"):
+    results = run_workers(tmp_path, train_shards, processes, f"train.grad_clip={grad_clip}")
+    assert len({result["initial_weights"] for result in results}) == 1  # every rank starts from the same model
+    for result in results:
         reads = {int(step): ops for step, ops in result["reads"].items()}
         quiet = [step for step in range(1, STEPS) if step % LOG_EVERY]
         assert {step: reads[step] for step in quiet} == {step: [] for step in quiet}

@@ -1,7 +1,8 @@
 """One training process whose host reads are counted step by step (see host_reads.py).
 
 Usage: ``python tests/train_reads_worker.py OUT.json CONFIG [key=value ...]``, once per rank
-(torch's env:// variables select the rank). Writes ``{"steps": N, "reads": {step: [op, ...]}}``
+(torch's env:// variables select the rank). Writes ``{"steps": N, "reads": {step: [op, ...]},
+"initial_weights": checksum}`` (a checksum of the weights as built, before training)
 to ``OUT.json`` with the rank inserted before the suffix (``OUT.rank0.json``).
 """
 from __future__ import annotations
@@ -20,19 +21,25 @@ from mmggem.config import load_config
 def main(out: str, config: str, *overrides: str) -> None:
     cfg = load_config(config, overrides)
     counter = HostReads()
-    real_train_step = trainer.train_step
+    real_train_step, real_build_model = trainer.train_step, trainer.build_model
+    built: list[float] = []
+
+    def recorded_build_model(*args, **kwargs):
+        model = real_build_model(*args, **kwargs)
+        built.append(sum(float(p.double().sum()) + float(p.double().square().sum()) for p in model.parameters()))
+        return model
 
     def counted_train_step(*args, **kwargs):
         counter.step += 1
         return real_train_step(*args, **kwargs)
 
-    trainer.train_step = counted_train_step
+    trainer.train_step, trainer.build_model = counted_train_step, recorded_build_model
     with counter:
         trainer.train(cfg)
     rank = os.environ.get("RANK", "0")
     path = Path(out)
     path.with_suffix(f".rank{rank}{path.suffix}").write_text(
-        json.dumps({"steps": cfg.train.steps, "reads": counter.per_step(cfg.train.steps)}))
+        json.dumps({"steps": cfg.train.steps, "reads": counter.per_step(cfg.train.steps), "initial_weights": built[0]}))
 
 
 if __name__ == "__main__":
