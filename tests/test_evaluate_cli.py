@@ -67,6 +67,7 @@ def test_open_clip_checkpoint_in_fp32_by_default_on_a_cpu_and_with_autocast_when
                                                                   amp=True))
 
 
+@pytest.mark.gpu  # part of the GPU self-check (python -m pytest -m gpu), deselected otherwise
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_autocast_is_the_default_on_cuda(tmp_path: Path, open_clip_checkpoint: tuple) -> None:
     _, model, preprocess, tokenizer = open_clip_checkpoint
