@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from open_clip.transform import AugmentationCfg
 
 from .errors import UsageError
 from .pooling import POOLER_NAMES
@@ -40,10 +41,17 @@ class ModelConfig:
     pooling: str = "ggem"
     pooling_kwargs: dict = field(default_factory=dict)
     pretrained: str = ""
+    cache_dir: str = ""
     text_tower: str = ""
     final_ln_after_pool: bool = False
     grad_checkpointing: bool = False
     compile: bool = False
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_pooler: bool = False
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -54,6 +62,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     workers: int = 2
     accept_changed_shards: bool = False
+    augment: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -282,6 +291,58 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio}")
     if cfg.eval.every and not cfg.eval.datasets:
         raise ConfigError("eval.every is set but eval.datasets is empty")
+    _validate_model_locks(cfg.model)
+    _validate_augment(cfg.data.augment)
+
+
+def _validate_model_locks(model: ModelConfig) -> None:
+    """Lock counts, ``lock_pooler`` and ``patch_dropout`` make sense, so no option is silently ignored."""
+    for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        if getattr(model, key) < 0:
+            raise ConfigError(f"model.{key}: must be >= 0, got {getattr(model, key)}")
+    if model.lock_image_unlocked_groups and not model.lock_image:
+        raise ConfigError("model.lock_image_unlocked_groups is set but model.lock_image is false")
+    if model.lock_text_unlocked_layers and not model.lock_text:
+        raise ConfigError("model.lock_text_unlocked_layers is set but model.lock_text is false")
+    if model.lock_pooler and not (model.lock_image or model.lock_text):
+        raise ConfigError("model.lock_pooler locks the pooler and projections of a locked tower; "
+                          "set model.lock_image or model.lock_text too")
+    if not 0 <= model.patch_dropout < 1:
+        raise ConfigError(f"model.patch_dropout: must be in [0, 1), got {model.patch_dropout}")
+
+
+# open_clip's augmentation keys (AugmentationCfg), plus the interpolation its timm path reads from the
+# preprocessing config. Without use_timm, open_clip's own transform reads only these:
+_AUGMENT_KEYS = (*(f.name for f in dataclasses.fields(AugmentationCfg)), "interpolation")
+_AUGMENT_OPEN_CLIP_KEYS = ("scale", "color_jitter", "color_jitter_prob", "gray_scale_prob", "use_timm")
+
+
+def _validate_augment(augment: dict[str, Any]) -> None:
+    """``data.augment`` holds keys open_clip's training transform reads, and nothing it would ignore.
+
+    Random erasing (``re_prob``) runs on the normalised tensor, after the step mmggem moves to the
+    device (:mod:`mmggem.data.device`), so it is refused rather than dropped.
+    """
+    unknown = sorted(set(augment) - set(_AUGMENT_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key data.augment.{unknown[0]}; allowed: {', '.join(_AUGMENT_KEYS)}")
+    if not augment.get("use_timm"):
+        ignored = sorted(set(augment) - set(_AUGMENT_OPEN_CLIP_KEYS))
+        if ignored:
+            raise ConfigError(f"data.augment.{ignored[0]}: only timm's transform reads it; "
+                              "set data.augment.use_timm=true")
+        if augment.get("color_jitter_prob") and len(augment.get("color_jitter") or ()) != 4:
+            raise ConfigError("data.augment.color_jitter_prob needs data.augment.color_jitter as four numbers "
+                              "(brightness, contrast, saturation, hue)")
+        if augment.get("color_jitter") is not None and not augment.get("color_jitter_prob"):
+            raise ConfigError("data.augment.color_jitter: open_clip's transform applies it with probability "
+                              "data.augment.color_jitter_prob; set that too (or use_timm=true)")
+    if augment.get("re_prob"):
+        raise ConfigError("data.augment.re_prob: random erasing runs after normalisation, which mmggem does on "
+                          "the device; not supported")
+    if augment.get("interpolation") not in (None, "bicubic", "bilinear", "random"):
+        raise ConfigError(f"data.augment.interpolation: one of bicubic, bilinear, random, "
+                          f"got {augment['interpolation']!r}")
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 POOLER_PREFIX = "visual.pooler."
+HF_HUB_PREFIX = "hf-hub:"
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 log = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ def create_model(
     pooling_kwargs: dict[str, Any] | None = None,
     text_tower: str | dict[str, Any] | None = None,
     pretrained: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a CLIP model whose image tower pools its tokens with ``pooling``.
@@ -164,17 +167,22 @@ def create_model(
         text_tower: None for open_clip's text transformer from the config, or a
             Hugging Face encoder (see :func:`_text_tower_cfg`).
         pretrained: an open_clip checkpoint file (``.pt``, ``.bin``,
-            ``.safetensors``) or a folder written by :func:`save_model`; every
-            weight must load except the pooler's own parameters.
+            ``.safetensors``), a folder written by :func:`save_model`, an open_clip
+            pretrained tag of ``name`` (``"laion2b_s34b_b88k"``) or an ``hf-hub:org/repo``
+            name (see :func:`resolve_pretrained`); every weight must load except the
+            pooler's own parameters.
+        cache_dir: where open_clip keeps downloaded weights for tags and ``hf-hub:``
+            names; None for its defaults (Hugging Face's cache, ``~/.cache/clip``).
         overrides: merged into the open_clip model config, nested dicts merged
-            key by key, e.g. ``vision_cfg={"final_ln_after_pool": True}``.
+            key by key, e.g. ``vision_cfg={"final_ln_after_pool": True, "patch_dropout": 0.5}``.
     """
+    weights = resolve_pretrained(name, pretrained, cache_dir) if pretrained is not None else None
     model_cfg = deep_merge(_model_cfg(name), overrides)
     if text_tower is not None:
         model_cfg["text_cfg"] = deep_merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
     model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {})))
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
+    if weights is not None:
+        load_pretrained(model, weights)
     return model
 
 
@@ -203,6 +211,80 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         log.info("pooler parameters keep their initial values: %s", fresh)
 
 
+def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The local weights file or folder that ``pretrained`` names for model ``name``.
+
+    An existing path is returned as is. An ``hf-hub:org/repo`` name or an open_clip pretrained tag
+    of ``name`` (``open_clip.list_pretrained_tags_by_model(name)``) is fetched by open_clip's own
+    download code into ``cache_dir``, or taken from there when it is cached (with
+    ``HF_HUB_OFFLINE=1``, or no network, only the cache is read). Anything else, or weights that
+    cannot be fetched, is a :class:`UserError` naming the tag, the cache folder and how to fill it.
+    """
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+
+    text = str(pretrained)
+    if Path(text).exists():
+        return Path(text)
+    cache = str(cache_dir) if cache_dir else None
+    if text.startswith(HF_HUB_PREFIX):
+        repo, source = text[len(HF_HUB_PREFIX):], {"hf_hub": text[len(HF_HUB_PREFIX):] + "/"}
+        fetch = lambda: download_pretrained_from_hf(repo, cache_dir=cache)  # noqa: E731
+    else:
+        source = get_pretrained_cfg(name, text)
+        if not source:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise MissingPathError(f"pretrained weights not found: {text} is neither a file or folder nor an "
+                                   f"open_clip tag of {name!r} (its tags: {', '.join(tags) or 'none'})")
+        fetch = lambda: download_pretrained(source, cache_dir=cache)  # noqa: E731
+    try:
+        return Path(fetch())
+    except Exception as error:  # hub, network and file errors alike: all mean "not here and not fetchable"
+        raise MissingPathError(_missing_weights_message(text, source, cache, error)) from error
+
+
+def _missing_weights_message(tag: str, source: dict[str, Any], cache: str | None, error: Exception) -> str:
+    """How to make the weights of ``tag`` available offline: which file goes where in the cache."""
+    if source.get("hf_hub"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo, filename = source["hf_hub"].rstrip("/"), "open_clip_model.safetensors"
+        if not source["hf_hub"].endswith("/"):  # open_clip's convention: 'org/repo/' or 'org/repo/file'
+            repo, _, filename = repo.rpartition("/")
+        folder = cache or HF_HUB_CACHE
+        how = (f"on a machine with network run `huggingface-cli download {repo} {filename} --cache-dir {folder}` "
+               f"(or copy that folder's models--{repo.replace('/', '--')} here), or download the file and "
+               f"set model.pretrained to its path")
+    else:
+        folder = cache or str(Path("~/.cache/clip").expanduser())
+        how = f"download {source['url']} into {folder}, or set model.pretrained to the downloaded file"
+    return (f"pretrained weights {tag!r} are not in the cache folder {folder} and could not be fetched "
+            f"({type(error).__name__}); {how}")
+
+
+def lock_towers(model: nn.Module, image: bool = False, image_unlocked_groups: int = 0, text: bool = False,
+                text_unlocked_layers: int = 0, pooler: bool = False) -> None:
+    """Freeze towers as LiT does (Zhai et al. 2022), with open_clip's own ``lock`` methods.
+
+    ``image`` locks the ViT except its last ``image_unlocked_groups`` groups (open_clip's
+    ``--lock-image-unlocked-groups``: 1 is the projection, 2 adds the last block with ``ln_post``,
+    each more adds one block, and the patch and position embeddings come last);
+    ``text`` locks the text tower except its last ``text_unlocked_layers`` layers. The pooler
+    (GGeM's ``p``, the attentional pooler) and a locked tower's projection stay trainable unless
+    ``pooler`` is true, so a pretrained tower can learn a new pooling. Frozen parameters have
+    ``requires_grad=False``, which keeps them out of the optimizer (:func:`mmggem.optim.param_groups`).
+    """
+    if image:
+        model.lock_image_tower(unlocked_groups=image_unlocked_groups)
+        if not pooler:
+            model.visual.pooler.requires_grad_(True)
+            model.visual.proj.requires_grad_(True)
+    if text:
+        model.lock_text_tower(unlocked_layers=text_unlocked_layers)
+        if not pooler:
+            projection = model.text.proj if hasattr(model, "text") else model.text_projection
+            projection.requires_grad_(True)
+
+
 def get_tokenizer(model: nn.Module) -> Tokenizer:
     """The tokenizer matching the model's text tower (open_clip's BPE, or the HF tokenizer)."""
     text_cfg = model.mmggem_spec.model_cfg["text_cfg"]
@@ -212,9 +294,22 @@ def get_tokenizer(model: nn.Module) -> Tokenizer:
     return SimpleTokenizer(context_length=context_length)
 
 
-def image_transform(model: nn.Module, is_train: bool) -> Callable[[Any], torch.Tensor]:
-    """open_clip's image transform for this model: augmenting for training, else resize and crop."""
-    return image_transform_v2(PreprocessCfg(**model.mmggem_spec.preprocess_cfg), is_train=is_train)
+def image_transform(model: nn.Module, is_train: bool,
+                    augment: dict[str, Any] | None = None) -> Callable[[Any], torch.Tensor]:
+    """open_clip's image transform for this model: augmenting for training, else resize and crop.
+
+    ``augment`` holds open_clip's ``aug_cfg`` keys (``scale``, ``color_jitter``, ``gray_scale_prob``,
+    ``use_timm``, ``ratio``...; see ``open_clip.transform.AugmentationCfg``) and optionally the
+    ``interpolation`` of timm's random resized crop; it only changes the training transform.
+    """
+    aug_cfg = dict(augment or {})
+    preprocess_cfg = {**model.mmggem_spec.preprocess_cfg}
+    if is_train and "interpolation" in aug_cfg:
+        preprocess_cfg["interpolation"] = aug_cfg.pop("interpolation")
+    with warnings.catch_warnings():  # open_clip warns of keys it does use (color jitter, grayscale) as unused;
+        # mmggem.config refuses the keys it would really ignore
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=is_train, aug_cfg=aug_cfg or None)
 
 
 def _spec_json(model: nn.Module) -> dict[str, Any]:

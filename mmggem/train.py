@@ -34,7 +34,7 @@ from .evaluate import evaluate_dataset
 from .evaluate.results import EvalResult
 from .fsdp import enable_fsdp_on_cpu, is_fsdp, plain_model, sharding_summary, vectorize_scalar_parameters
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
-from .model import create_model, get_tokenizer, image_transform, save_model
+from .model import create_model, get_tokenizer, image_transform, lock_towers, save_model
 from .nonfinite import NonFiniteSteps, full_tensor
 from .optim import build_optimizer, cosine_schedule
 from .stopping import EXIT_REQUEUE, StopControl
@@ -85,7 +85,12 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
 
 
 def build_model(cfg: RunConfig, load_pretrained: bool = True) -> torch.nn.Module:
-    overrides: dict[str, Any] = {"vision_cfg": {"final_ln_after_pool": cfg.model.final_ln_after_pool}}
+    """The model ``cfg.model`` describes, with its pretrained weights (unless ``load_pretrained`` is
+    false: a shell to load a checkpoint into) and its towers locked as configured."""
+    vision_cfg = {"final_ln_after_pool": cfg.model.final_ln_after_pool}
+    if cfg.model.patch_dropout:  # FLIP (Li et al. 2023): open_clip drops this fraction of patch tokens in training
+        vision_cfg["patch_dropout"] = cfg.model.patch_dropout
+    overrides: dict[str, Any] = {"vision_cfg": vision_cfg}
     if cfg.train.loss == "siglip":  # SigLIP's initial temperature and bias (Zhai et al. 2023, Sec. 3.2)
         overrides.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
     model = create_model(
@@ -94,10 +99,20 @@ def build_model(cfg: RunConfig, load_pretrained: bool = True) -> torch.nn.Module
         pooling_kwargs=cfg.model.pooling_kwargs,
         text_tower=cfg.model.text_tower or None,
         pretrained=(cfg.model.pretrained or None) if load_pretrained else None,
+        cache_dir=cfg.model.cache_dir or None,
         **overrides,
     )
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups, cfg.model.lock_text,
+                cfg.model.lock_text_unlocked_layers, cfg.model.lock_pooler)
     return model
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """One log line: how many parameters the optimizer trains and how many are locked."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"parameters: {trained:,} trained, {total - trained:,} locked, {total:,} in all"
 
 
 def batches(loader: TrainLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -232,6 +247,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
     model = build_model(cfg)
+    accelerator.print(parameter_summary(model))
     set_seed(cfg.seed, device_specific=True)  # per-process randomness from here on
     if is_fsdp(accelerator):
         vectorize_scalar_parameters(model)
@@ -240,7 +256,8 @@ def train(cfg: RunConfig) -> TrainOutcome:
                                 cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
     scheduler = cosine_schedule(optimizer, min(cfg.train.warmup_steps, cfg.train.steps - 1), cfg.train.steps,
                                 cfg.train.min_lr_ratio)
-    train_transform, normalization = split_transform(image_transform(model, is_train=True))
+    train_transform, normalization = split_transform(image_transform(model, is_train=True,
+                                                                     augment=cfg.data.augment))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.print(sharding_summary(accelerator, model))

@@ -83,6 +83,13 @@ def test_dotted_overrides_are_typed_and_win(tmp_path: Path) -> None:
         ("train.min_lr_ratio=2", r"train\.min_lr_ratio: must be between 0 and 1, got 2\.0"),
         ("train", r"not of the form key=value"),
         ("train.steps.x=1", r"train\.steps.*not a section|expected a mapping"),
+        ("model.patch_dropout=1", r"model\.patch_dropout: must be in \[0, 1\), got 1\.0"),
+        ("model.lock_image_unlocked_groups=2", r"model\.lock_image_unlocked_groups is set but model\.lock_image"),
+        ("model.lock_pooler=true", r"model\.lock_pooler .* set model\.lock_image or model\.lock_text"),
+        ("data.augment={ratio: [0.75, 1.33]}", r"data\.augment\.ratio: only timm's transform reads it"),
+        ("data.augment={color_jitter: 0.4}", r"data\.augment\.color_jitter: .*color_jitter_prob"),
+        ("data.augment={use_timm: true, re_prob: 0.25}", r"data\.augment\.re_prob: random erasing"),
+        ("data.augment={use_timm: true, interpolation: nearest}", r"data\.augment\.interpolation: one of"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, message: str) -> None:

@@ -61,6 +61,18 @@ def test_param_groups_split_an_open_clip_model() -> None:
     assert settings == {"decay": (0.2, 1.0), "no_decay": (0.0, 1.0), "pool_p": (0.0, 10.0)}
 
 
+def test_locked_towers_are_in_no_group() -> None:
+    from mmggem import create_model
+    from mmggem.model import lock_towers
+
+    model = create_model("ViT-Ti-4-28")
+    lock_towers(model, image=True, text=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in param_groups(model, weight_decay=0.2)}
+    assert grouped == {"decay": ["text_projection", "visual.proj"], "no_decay": ["logit_scale"],
+                       "pool_p": ["visual.pooler.p"]}
+
+
 def test_param_groups_leave_out_an_empty_pool_p_group() -> None:
     assert [g["name"] for g in param_groups(nn.Linear(3, 2), weight_decay=0.1)] == ["decay", "no_decay"]
 
