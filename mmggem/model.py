@@ -220,24 +220,22 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
     ``HF_HUB_OFFLINE=1``, or no network, only the cache is read). Anything else, or weights that
     cannot be fetched, is a :class:`UserError` naming the tag, the cache folder and how to fill it.
     """
-    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     text = str(pretrained)
     if Path(text).exists():
         return Path(text)
     cache = str(cache_dir) if cache_dir else None
-    if text.startswith(HF_HUB_PREFIX):
-        repo, source = text[len(HF_HUB_PREFIX):], {"hf_hub": text[len(HF_HUB_PREFIX):] + "/"}
-        fetch = lambda: download_pretrained_from_hf(repo, cache_dir=cache)  # noqa: E731
+    if text.startswith(HF_HUB_PREFIX):  # open_clip's form for a repo's default weights file: 'org/repo/'
+        source = {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}
     else:
         source = get_pretrained_cfg(name, text)
         if not source:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise MissingPathError(f"pretrained weights not found: {text} is neither a file or folder nor an "
                                    f"open_clip tag of {name!r} (its tags: {', '.join(tags) or 'none'})")
-        fetch = lambda: download_pretrained(source, cache_dir=cache)  # noqa: E731
     try:
-        return Path(fetch())
+        return Path(download_pretrained(source, cache_dir=cache))
     except Exception as error:  # hub, network and file errors alike: all mean "not here and not fetchable"
         raise MissingPathError(_missing_weights_message(text, source, cache, error)) from error
 
@@ -251,8 +249,8 @@ def _missing_weights_message(tag: str, source: dict[str, Any], cache: str | None
         if not source["hf_hub"].endswith("/"):  # open_clip's convention: 'org/repo/' or 'org/repo/file'
             repo, _, filename = repo.rpartition("/")
         folder = cache or HF_HUB_CACHE
-        how = (f"on a machine with network run `huggingface-cli download {repo} {filename} --cache-dir {folder}` "
-               f"(or copy that folder's models--{repo.replace('/', '--')} here), or download the file and "
+        how = (f"fill it on a machine with network with `huggingface-cli download {repo} {filename} --cache-dir "
+               f"{folder}` and copy {folder}/models--{repo.replace('/', '--')} here, or download the file and "
                f"set model.pretrained to its path")
     else:
         folder = cache or str(Path("~/.cache/clip").expanduser())
