@@ -279,8 +279,10 @@ def lock_towers(model: nn.Module, image: bool = False, image_unlocked_groups: in
     if text:
         model.lock_text_tower(unlocked_layers=text_unlocked_layers)
         if not pooler:
-            projection = model.text.proj if hasattr(model, "text") else model.text_projection
-            projection.requires_grad_(True)
+            tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower apart; CLIP unpacks it
+            for name in ("proj", "text_projection"):  # a Hugging Face tower's projection, open_clip's
+                if getattr(tower, name, None) is not None:
+                    getattr(tower, name).requires_grad_(True)
 
 
 def get_tokenizer(model: nn.Module) -> Tokenizer:

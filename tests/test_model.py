@@ -181,3 +181,15 @@ def test_hugging_face_text_tower_from_config_and_from_weights(tmp_path: Path) ->
     folder = mmggem.save_model(from_weights.eval(), tmp_path / "saved")
     loaded, _, tokenizer = mmggem.load(folder)
     assert torch.equal(loaded.encode_text(tokenizer(["a photo of a shoe"])), from_weights.encode_text(tokenizer(["a photo of a shoe"])))
+
+
+def test_locking_a_hugging_face_text_tower_keeps_its_projection_trainable(tmp_path: Path) -> None:
+    from mmggem.model import lock_towers
+
+    model = mmggem.create_model(NAME, text_tower={"hf_model_name": str(write_tiny_bert(tmp_path / "bert")),
+                                                  "hf_model_pretrained": False})
+    lock_towers(model, text=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad and name.startswith("text.")}
+    assert trainable and all(name.startswith("text.proj") for name in trainable)
+    assert all(name.startswith("visual.") or name == "logit_scale" or name in trainable
+               for name, p in model.named_parameters() if p.requires_grad)
