@@ -331,12 +331,17 @@ def _validate_augment(augment: dict[str, Any]) -> None:
         if ignored:
             raise ConfigError(f"data.augment.{ignored[0]}: only timm's transform reads it; "
                               "set data.augment.use_timm=true")
-        if augment.get("color_jitter_prob") and len(augment.get("color_jitter") or ()) != 4:
+        jitter = augment.get("color_jitter")
+        if augment.get("color_jitter_prob") and not (isinstance(jitter, list) and len(jitter) == 4):
             raise ConfigError("data.augment.color_jitter_prob needs data.augment.color_jitter as four numbers "
                               "(brightness, contrast, saturation, hue)")
         if augment.get("color_jitter") is not None and not augment.get("color_jitter_prob"):
             raise ConfigError("data.augment.color_jitter: open_clip's transform applies it with probability "
                               "data.augment.color_jitter_prob; set that too (or use_timm=true)")
+    else:
+        dropped = sorted({"color_jitter_prob", "gray_scale_prob"} & set(augment))
+        if dropped:
+            raise ConfigError(f"data.augment.{dropped[0]}: open_clip's timm path (use_timm=true) drops it")
     if augment.get("re_prob"):
         raise ConfigError("data.augment.re_prob: random erasing runs after normalisation, which mmggem does on "
                           "the device; not supported")

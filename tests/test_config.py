@@ -89,6 +89,8 @@ def test_dotted_overrides_are_typed_and_win(tmp_path: Path) -> None:
         ("data.augment={ratio: [0.75, 1.33]}", r"data\.augment\.ratio: only timm's transform reads it"),
         ("data.augment={color_jitter: 0.4}", r"data\.augment\.color_jitter: .*color_jitter_prob"),
         ("data.augment={use_timm: true, re_prob: 0.25}", r"data\.augment\.re_prob: random erasing"),
+        ("data.augment={use_timm: true, gray_scale_prob: 0.2}", r"data\.augment\.gray_scale_prob: .*timm path"),
+        ("data.augment={color_jitter: 0.4, color_jitter_prob: 0.8}", r"color_jitter_prob needs .* four numbers"),
         ("data.augment={use_timm: true, interpolation: nearest}", r"data\.augment\.interpolation: one of"),
     ],
 )
