@@ -266,7 +266,8 @@ def lock_towers(model: nn.Module, image: bool = False, image_unlocked_groups: in
     ``image`` locks the ViT except its last ``image_unlocked_groups`` groups (open_clip's
     ``--lock-image-unlocked-groups``: 1 is the projection, 2 adds the last block with ``ln_post``,
     each more adds one block, and the patch and position embeddings come last);
-    ``text`` locks the text tower except its last ``text_unlocked_layers`` layers. The pooler
+    ``text`` locks the text tower except its last ``text_unlocked_layers`` groups, counted the same
+    way for open_clip's text transformer (for a Hugging Face encoder: its last layers). The pooler
     (GGeM's ``p``, the attentional pooler) and a locked tower's projection stay trainable unless
     ``pooler`` is true, so a pretrained tower can learn a new pooling. Frozen parameters have
     ``requires_grad=False``, which keeps them out of the optimizer (:func:`mmggem.optim.param_groups`).

@@ -193,3 +193,26 @@ def test_locking_a_hugging_face_text_tower_keeps_its_projection_trainable(tmp_pa
     assert trainable and all(name.startswith("text.proj") for name in trainable)
     assert all(name.startswith("visual.") or name == "logit_scale" or name in trainable
                for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_an_open_clip_tag_resolves_to_its_file_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmggem.model import resolve_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    path = resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path)
+    assert path.read_bytes() == b"weights"
+
+
+def test_locked_text_tower_leaves_its_last_layers_trainable() -> None:
+    from mmggem.model import lock_towers
+
+    model = mmggem.create_model(NAME)
+    lock_towers(model, text=True, text_unlocked_layers=2)  # open_clip's groups: the projection, the last block
+    trainable = {name.split(".")[0] + "." + name.split(".")[2] if name.startswith("transformer.") else name
+                 for name, p in model.named_parameters() if p.requires_grad and not name.startswith("visual.")}
+    assert trainable == {"transformer.2", "ln_final.weight", "ln_final.bias", "text_projection", "logit_scale"}
