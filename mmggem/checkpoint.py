@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from accelerate import Accelerator
 
@@ -94,15 +94,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Restore accelerate's state from ``path``; return ``(trainer_state, every saved process's data_state)``.
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore accelerate's state from ``path``; return the trainer state (with the saving ``world_size``).
 
     The model, optimizer and scheduler restore exactly whatever the number of processes now; so
     does each process's RNG state where the checkpoint has one for its rank. Whether the data
-    position carries over exactly is the loader's decision (same setup) or an approximation.
+    position carries over exactly is the loader's decision (:func:`read_data_states`).
     """
     trainer_state = json.loads((path / STATE_FILE).read_text())
     accelerator.load_state(str(path))
-    data_states = [json.loads((path / f"data_state_rank{rank}.json").read_text())
-                   for rank in range(int(trainer_state["world_size"]))]
-    return trainer_state, data_states
+    return trainer_state
+
+
+def read_data_states(path: Path, ranks: Iterable[int]) -> list[dict[str, Any]]:
+    """The loader positions the processes ``ranks`` of the saving run wrote into checkpoint ``path``."""
+    return [json.loads((path / f"data_state_rank{rank}.json").read_text()) for rank in ranks]

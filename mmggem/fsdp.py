@@ -28,7 +28,16 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
-__all__ = ["enable_fsdp_on_cpu", "is_fsdp", "plain_model", "sharding_summary", "vectorize_scalar_parameters"]
+__all__ = ["enable_fsdp_on_cpu", "full_tensor", "is_fsdp", "plain_model", "sharding_summary",
+           "vectorize_scalar_parameters"]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``tensor``'s whole value: DTensors (FSDP2 shards, partial norms) are gathered.
+
+    Collective for a DTensor: every process must call it.
+    """
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:

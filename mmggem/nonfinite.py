@@ -20,15 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NonFiniteCounts", "NonFiniteSteps", "full_tensor"]
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor of ``tensor``'s whole value: DTensors (FSDP2 shards, partial norms) are gathered.
-
-    Collective for a DTensor: every process must call it.
-    """
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+__all__ = ["NonFiniteCounts", "NonFiniteSteps"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +44,8 @@ class NonFiniteSteps:
         self.longest_streak, self.last_step = counter(in_a_row), counter(0)
 
     def update(self, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
-        """Count ``step`` by its gradient norm; return ``found_inf`` (float32 0 or 1) for the optimizer."""
-        bad = ~torch.isfinite(full_tensor(grad_norm).detach())
+        """Count ``step`` by its (whole, plain-tensor) gradient norm; return ``found_inf`` (float32 0 or 1)."""
+        bad = ~torch.isfinite(grad_norm)
         self.total += bad
         self.in_a_row = (self.in_a_row + 1) * bad
         self.longest_streak = torch.maximum(self.longest_streak, self.in_a_row)

@@ -26,16 +26,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_data_states, resolve_resume, save_checkpoint
 from .config import RunConfig, parse_duration, save_config, to_dict
 from .data.device import DeviceNormalizer, split_transform, to_device
 from .data.loader import TrainLoader
 from .evaluate import evaluate_dataset
 from .evaluate.results import EvalResult
-from .fsdp import enable_fsdp_on_cpu, is_fsdp, plain_model, sharding_summary, vectorize_scalar_parameters
+from .fsdp import (enable_fsdp_on_cpu, full_tensor, is_fsdp, plain_model, sharding_summary,
+                   vectorize_scalar_parameters)
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
 from .model import create_model, get_tokenizer, image_transform, lock_towers, save_model
-from .nonfinite import NonFiniteSteps, full_tensor
+from .nonfinite import NonFiniteSteps
 from .optim import build_optimizer, cosine_schedule
 from .stopping import EXIT_REQUEUE, StopControl
 from .tracking import RunLog, init_wandb
@@ -155,13 +156,12 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: 
     The norm is always computed (with ``grad_clip`` unset, clipping at infinity changes nothing)
     because it is what decides, identically on every process, whether the step is skipped.
     """
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    found_inf = nonfinite.update(grad_norm, step)
+    grad_norm = full_tensor(accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)).detach()
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
-    torch_optimizer.found_inf = found_inf  # read by fused AdamW: 1 skips the update
+    torch_optimizer.found_inf = nonfinite.update(grad_norm, step)  # read by fused AdamW: 1 skips the update
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return full_tensor(grad_norm).detach()
+    return grad_norm
 
 
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
@@ -211,17 +211,20 @@ def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelera
     return results
 
 
-def restore_data_position(loader: TrainLoader, saved: list[dict[str, Any]], accelerator: Accelerator,
+def restore_data_position(loader: TrainLoader, checkpoint: Path, saved_world_size: int, accelerator: Accelerator,
                           cfg: RunConfig) -> bool:
     """Put the loader where the checkpoint's run was; True when exactly, False when approximately.
 
-    Exact needs the same setup (world size, workers, batch size, shards, ...); otherwise the data
-    continues approximately and one warning says how (:meth:`TrainLoader.resume_approximately`).
+    Exact needs the same setup (world size, workers, batch size, shards, ...) and reads only this
+    process's position; otherwise every saved position is read, the data continues approximately
+    and one warning says how (:meth:`TrainLoader.resume_approximately`).
     """
-    mine = saved[accelerator.process_index] if len(saved) == accelerator.num_processes else None
-    if mine is not None and not loader.layout_differences(mine):
-        loader.load_state_dict(mine)
-        return True
+    if saved_world_size == accelerator.num_processes:
+        [mine] = read_data_states(checkpoint, [accelerator.process_index])
+        if not loader.layout_differences(mine):
+            loader.load_state_dict(mine)
+            return True
+    saved = read_data_states(checkpoint, range(saved_world_size))
     warning = loader.resume_approximately(saved, cfg.data.accept_changed_shards)
     accelerator.print(f"WARNING: {warning}")
     return False
@@ -263,9 +266,9 @@ def train(cfg: RunConfig) -> TrainOutcome:
     accelerator.print(sharding_summary(accelerator, model))
     loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
 
-    state, data_states = TrainState(), None
+    state, saved = TrainState(), None
     if resume_from is not None:
-        saved, data_states = load_checkpoint(accelerator, resume_from)
+        saved = load_checkpoint(accelerator, resume_from)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
@@ -276,7 +279,8 @@ def train(cfg: RunConfig) -> TrainOutcome:
         world_size=accelerator.num_processes, num_samples=cfg.data.num_samples,
         pin_memory=accelerator.device.type == "cuda",
     )
-    approximate = data_states is not None and not restore_data_position(loader, data_states, accelerator, cfg)
+    approximate = saved is not None and not restore_data_position(loader, resume_from, saved["world_size"],
+                                                                  accelerator, cfg)
     if cfg.log.wandb != "off":
         init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
     run_log = RunLog(accelerator, output_dir)

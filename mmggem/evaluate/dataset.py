@@ -4,7 +4,8 @@ The layout (see :mod:`mmggem.data.formats`) is the one
 ``clip_benchmark.datasets.builder.build_wds_dataset`` reads. Samples are
 grouped from tar members by webdataset's own rules and grouping, which the
 training loader shares (:mod:`mmggem.data.tars`), and the image is the first
-of ``webp``, ``png``, ``jpg``, ``jpeg`` present, decoded as webdataset's ``"pil"`` image handler does (open, load, convert to RGB).
+of ``webp``, ``png``, ``jpg``, ``jpeg`` present, decoded as webdataset's
+``"pil"`` image handler does (open, load, convert to RGB).
 
 Why not a webdataset pipeline: a set is scanned once, reading only tar headers
 and the small ``cls`` / ``txt`` members, into a list of samples with the byte
