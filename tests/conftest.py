@@ -74,11 +74,25 @@ def accelerate_cli(*args: str, processes: int = 2, timeout: float = 300) -> subp
     return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=timeout)
 
 
-def spawn_ranks(*args: str, processes: int = 2) -> list[subprocess.Popen]:
-    """Start one CLI process per rank with torch's env:// variables, as SLURM's srun does."""
+def launch_config(config_file: Path, *args: str, processes: int | None = None, options: tuple[str, ...] = (),
+                  timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG [OPTIONS] -m mmggem ARGS` on the CPU (ACCELERATE_USE_CPU).
+
+    ``processes`` overrides the config's process count (and picks a free port for the group).
+    """
+    command = [ACCELERATE, "launch", "--config_file", str(config_file), *options]
+    if processes is not None:
+        command += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
+    return subprocess.run([*command, "-m", "mmggem", *args], capture_output=True, text=True, env=cpu_env(),
+                          timeout=timeout)
+
+
+def spawn_ranks(*args: str, processes: int = 2, command: tuple[str, ...] = (PYTHON, "-m", "mmggem")
+                ) -> list[subprocess.Popen]:
+    """Start ``command ARGS`` (the CLI by default) once per rank with torch's env:// variables, as srun does."""
     port = str(free_port())
     return [
-        subprocess.Popen([PYTHON, "-m", "mmggem", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                                                 LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
                                                 MASTER_PORT=port))

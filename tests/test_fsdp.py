@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import ACCELERATE, accelerate_cli, cpu_env, free_port
+from conftest import accelerate_cli, launch_config
 from test_train import assert_same_run, losses, ok, train_args
 
 import mmggem
@@ -21,10 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fsdp_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml"),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               "-m", "mmggem", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    return launch_config(ROOT / "launch" / "accelerate" / "fsdp.yaml", *args, processes=2,
+                         options=("--mixed_precision", "no"))
 
 
 def evaluations(output_dir: Path) -> dict[str, float]:

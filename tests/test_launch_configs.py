@@ -11,20 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ACCELERATE, cpu_env, free_port
+from conftest import ACCELERATE, cpu_env, free_port, launch_config
 from test_train import assert_same_run, losses, ok, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "launch" / "accelerate"
-
-
-def launch(config: str, *args: str, processes: int | None = None, extra: tuple[str, ...] = (),
-           timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [ACCELERATE, "launch", "--config_file", str(CONFIGS / config), *extra]
-    if processes is not None:
-        command += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
-    return subprocess.run([*command, "-m", "mmggem", *args], capture_output=True, text=True, env=cpu_env(),
-                          timeout=timeout)
 
 
 def test_every_shipped_config_is_covered() -> None:
@@ -36,7 +27,7 @@ def test_every_shipped_config_is_covered() -> None:
                                                    ("cpu_2proc.yaml", 2)])
 def test_single_node_configs_train(train_shards: str, tmp_path: Path, config: str, processes: int | None) -> None:
     out = tmp_path / "run"
-    ok(launch(config, *train_args(train_shards, out, "train.steps=3"), processes=processes))
+    ok(launch_config(CONFIGS / config, *train_args(train_shards, out, "train.steps=3"), processes=processes))
     assert len(losses(out)) == 3 and (out / "final" / "open_clip_model.safetensors").is_file()
     world = processes or 1
     state = (out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text()

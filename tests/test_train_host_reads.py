@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, cpu_env, free_port
+from conftest import PYTHON, spawn_ranks
+from test_train import train_args
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).with_name("train_reads_worker.py"))
 STEPS, LOG_EVERY = 9, 4  # log steps 4, 8 and the last one, 9 (also its checkpoint)
 
 
 def run_workers(out: Path, shards: str, processes: int, *overrides: str) -> list[dict]:
-    args = [WORKER, str(out / "reads.json"), str(ROOT / "configs" / "demo.yaml"), f"output_dir={out / 'run'}",
-            f"data.train={shards}", "train.batch_size=8", f"train.steps={STEPS}", "train.warmup_steps=2",
-            "train.checkpoint_every=100", f"log.every={LOG_EVERY}", "log.progress=false", "data.workers=1",
-            "data.shuffle_buffer=40", "train.threads=1", *overrides]
-    port = str(free_port())
-    ranks = [subprocess.Popen([PYTHON, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=Path(WORKER).parent,
-                              env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                                          LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
-                                          MASTER_PORT=port))
-             for rank in range(processes)]
+    config_and_overrides = train_args(shards, out / "run", f"train.steps={STEPS}", f"log.every={LOG_EVERY}",
+                                      *overrides)[1:]
+    ranks = spawn_ranks(str(out / "reads.json"), *config_and_overrides, processes=processes,
+                        command=(PYTHON, WORKER))
     for rank in ranks:
         output, _ = rank.communicate(timeout=300)
         assert rank.returncode == 0, output[-3000:]
