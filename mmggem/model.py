@@ -10,8 +10,10 @@ its tokens are pooled by an :mod:`mmggem.pooling` pooler kept at
 
 A saved model is a folder in open_clip's ``local-dir`` layout:
 ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg`` and an ``mmggem``
-section naming the pooling) and ``open_clip_model.safetensors``. Nothing in it
-is unpickled on load.
+section with the pooling and mmggem's own model config) and
+``open_clip_model.safetensors``. The top-level ``model_cfg`` is open_clip's view
+(:mod:`mmggem.open_clip_view`): open_clip builds the same model from it, or
+refuses it with a message naming mmggem. Nothing in the folder is unpickled on load.
 """
 from __future__ import annotations
 
@@ -36,13 +38,15 @@ from . import __version__
 from .config import deep_merge
 from .errors import MissingPathError, UserError
 from .fileio import atomic_directory
+from .hub import download_model_folder, is_hub_name
+from .open_clip_view import open_clip_model_cfg
 from .pooling import build_pooler
+from .pretrained import resolve_pretrained
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 POOLER_PREFIX = "visual.pooler."
-HF_HUB_PREFIX = "hf-hub:"
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 log = logging.getLogger(__name__)
@@ -211,54 +215,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         log.info("pooler parameters keep their initial values: %s", fresh)
 
 
-def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The local weights file or folder that ``pretrained`` names for model ``name``.
-
-    An existing path is returned as is. An ``hf-hub:org/repo`` name or an open_clip pretrained tag
-    of ``name`` (``open_clip.list_pretrained_tags_by_model(name)``) is fetched by open_clip's own
-    download code into ``cache_dir``, or taken from there when it is cached (with
-    ``HF_HUB_OFFLINE=1``, or no network, only the cache is read). Anything else, or weights that
-    cannot be fetched, is a :class:`UserError` naming the tag, the cache folder and how to fill it.
-    """
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    text = str(pretrained)
-    if Path(text).exists():
-        return Path(text)
-    cache = str(cache_dir) if cache_dir else None
-    if text.startswith(HF_HUB_PREFIX):  # open_clip's form for a repo's default weights file: 'org/repo/'
-        source = {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}
-    else:
-        source = get_pretrained_cfg(name, text)
-        if not source:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise MissingPathError(f"pretrained weights not found: {text} is neither a file or folder nor an "
-                                   f"open_clip tag of {name!r} (its tags: {', '.join(tags) or 'none'})")
-    try:
-        return Path(download_pretrained(source, cache_dir=cache))
-    except Exception as error:  # hub, network and file errors alike: all mean "not here and not fetchable"
-        raise MissingPathError(_missing_weights_message(text, source, cache, error)) from error
-
-
-def _missing_weights_message(tag: str, source: dict[str, Any], cache: str | None, error: Exception) -> str:
-    """How to make the weights of ``tag`` available offline: which file goes where in the cache."""
-    if source.get("hf_hub"):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        repo, filename = source["hf_hub"].rstrip("/"), "open_clip_model.safetensors"
-        if not source["hf_hub"].endswith("/"):  # open_clip's convention: 'org/repo/' or 'org/repo/file'
-            repo, _, filename = repo.rpartition("/")
-        folder = cache or HF_HUB_CACHE
-        how = (f"fill it on a machine with network with `huggingface-cli download {repo} {filename} --cache-dir "
-               f"{folder}` and copy {folder}/models--{repo.replace('/', '--')} here, or download the file and "
-               f"set model.pretrained to its path")
-    else:
-        folder = cache or str(Path("~/.cache/clip").expanduser())
-        how = f"download {source['url']} into {folder}, or set model.pretrained to the downloaded file"
-    return (f"pretrained weights {tag!r} are not in the cache folder {folder} and could not be fetched "
-            f"({type(error).__name__}); {how}")
-
-
 def lock_towers(model: nn.Module, image: bool = False, image_unlocked_groups: int = 0, text: bool = False,
                 text_unlocked_layers: int = 0, pooler: bool = False) -> None:
     """Freeze towers as LiT does (Zhai et al. 2022), with open_clip's own ``lock`` methods.
@@ -314,11 +270,13 @@ def image_transform(model: nn.Module, is_train: bool,
 
 
 def _spec_json(model: nn.Module) -> dict[str, Any]:
+    """The saved config: open_clip's view at the top level, mmggem's own spec in the ``mmggem`` section."""
     spec = model.mmggem_spec
     return {
-        "model_cfg": spec.model_cfg,
+        "model_cfg": open_clip_model_cfg(spec.model_cfg, spec.pooling),
         "preprocess_cfg": spec.preprocess_cfg,
-        "mmggem": {"version": __version__, "name": spec.name, "pooling": spec.pooling, "pooling_kwargs": spec.pooling_kwargs},
+        "mmggem": {"version": __version__, "name": spec.name, "pooling": spec.pooling,
+                   "pooling_kwargs": spec.pooling_kwargs, "model_cfg": copy.deepcopy(spec.model_cfg)},
     }
 
 
@@ -326,7 +284,7 @@ def _save_text_tower(model: nn.Module, folder: Path, config: dict[str, Any]) -> 
     """Make a Hugging Face text tower self-contained: its config and tokenizer go into the folder."""
     from transformers import AutoTokenizer
 
-    text_cfg = config["model_cfg"]["text_cfg"]
+    text_cfg = config["mmggem"]["model_cfg"]["text_cfg"]
     model.text.transformer.config.save_pretrained(folder)
     AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
     text_cfg.update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
@@ -337,7 +295,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     config = _spec_json(model)
     with atomic_directory(path, overwrite=True) as staging:
-        if "hf_model_name" in config["model_cfg"]["text_cfg"]:
+        if "hf_model_name" in config["mmggem"]["model_cfg"]["text_cfg"]:
             _save_text_tower(model, staging, config)
         state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -346,7 +304,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
 
 
 def read_spec(path: str | Path) -> ModelSpec:
-    """Read the :class:`ModelSpec` of a folder written by :func:`save_model`."""
+    """Read the :class:`ModelSpec` of a folder written by :func:`save_model` (by any mmggem version)."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -354,18 +312,24 @@ def read_spec(path: str | Path) -> ModelSpec:
     config = json.loads(config_file.read_text())
     if "mmggem" not in config or "model_cfg" not in config:
         raise UserError(f"{config_file} has no 'mmggem' and 'model_cfg' sections: not written by mmggem.save_model")
-    text_cfg = config["model_cfg"]["text_cfg"]
+    section = config["mmggem"]
+    model_cfg = section.get("model_cfg", config["model_cfg"])  # older folders kept one model_cfg for both
+    text_cfg = model_cfg["text_cfg"]
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text_cfg.get(key) == ".":
             text_cfg[key] = str(path)
-    section = config["mmggem"]
-    return ModelSpec(section["name"], config["model_cfg"], section["pooling"], section.get("pooling_kwargs", {}),
+    return ModelSpec(section["name"], model_cfg, section["pooling"], section.get("pooling_kwargs", {}),
                      config.get("preprocess_cfg", {}))
 
 
-def load(path: str | Path) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Tokenizer]:
-    """Load a model saved by :func:`save_model`: ``(model, preprocess, tokenizer)``, model in eval mode."""
-    path = Path(path)
+def load(path: str | Path,
+         cache_dir: str | Path | None = None) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Tokenizer]:
+    """Load a model saved by :func:`save_model`: ``(model, preprocess, tokenizer)``, model in eval mode.
+
+    ``path`` is the folder, or ``hf-hub:org/name`` for one on the Hugging Face Hub, read through
+    huggingface_hub's cache (``cache_dir``, or its default; with ``HF_HUB_OFFLINE=1`` only the cache).
+    """
+    path = download_model_folder(str(path), cache_dir) if is_hub_name(path) else Path(path)
     model = build_model(read_spec(path))
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

@@ -62,6 +62,21 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
                           env=cpu_env(**env), timeout=timeout)
 
 
+def hub_cache(cache: Path, repo: str, *files: Path, commit: str = "0" * 40) -> Path:
+    """Place ``files`` (a folder's files, or single files) in Hugging Face's cache layout under ``cache``,
+    as `huggingface-cli download --cache-dir` leaves them: ``models--ORG--NAME/refs/main`` names the
+    commit whose ``snapshots/<commit>/`` holds them. huggingface_hub resolves it with HF_HUB_OFFLINE=1."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    for path in files:
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            (snapshot / file.name).write_bytes(file.read_bytes())
+    return snapshot
+
+
 def accelerate_cli(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch` of the CLI on a real multi-process gloo group on the CPU.
 

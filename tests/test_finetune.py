@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import run_cli
+from conftest import hub_cache, run_cli
 from test_train import assert_same_run, final_weights, losses, ok, train_args
 
 import mmggem
@@ -74,16 +74,6 @@ def test_augmented_run_resumes_exactly(train_shards: str, tmp_path: Path) -> Non
 def test_unknown_augment_key_is_a_config_error_naming_it(train_shards: str, tmp_path: Path) -> None:
     result = run_cli(*train_args(train_shards, tmp_path / "run", "data.augment.color_jiter=0.4"))
     assert result.returncode == 2 and "data.augment.color_jiter" in result.stderr
-
-
-def hub_cache(cache: Path, repo: str, weights: Path) -> None:
-    """Place ``weights`` in Hugging Face's cache layout, as `huggingface-cli download --cache-dir` would."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = folder / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text("0" * 40)
-    (snapshot / "open_clip_model.safetensors").write_bytes(weights.read_bytes())
 
 
 def test_hf_hub_name_loads_from_the_cache_offline(train_shards: str, tmp_path: Path) -> None:
