@@ -4,7 +4,9 @@
     mmggem eval retrieval --checkpoint PATH --dataset DIR [DIR ...] --output FILE.json
     mmggem eval summary RESULTS_DIR --output summary.csv
 
-PATH is an mmggem model folder, or ``open_clip:NAME`` with ``--pretrained FILE``.
+PATH is an mmggem model folder, ``hf-hub:ORG/NAME`` (an mmggem or open_clip model repo), or
+``open_clip:NAME`` with ``--pretrained`` a checkpoint file, pretrained tag or ``hf-hub:`` name;
+Hub files and tags are read from the cache (``--cache-dir``; offline, only from there).
 ``--output`` takes CLIP_benchmark's placeholders ({dataset}, {model}, {pretrained},
 {task}, {language}); with several datasets it must contain {dataset} or be a folder.
 Under ``accelerate launch`` the sets are split over the processes; only the main
@@ -31,8 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for command, task in TASK_COMMANDS.items():
         sub = commands.add_parser(command, help=f"{task} (CLIP_benchmark's metrics and JSON)")
         sub.add_argument("--checkpoint", required=True,
-                         help="an mmggem model folder (mmggem.save_model), or open_clip:NAME with --pretrained")
-        sub.add_argument("--pretrained", metavar="FILE", help="open_clip checkpoint file for --checkpoint open_clip:NAME")
+                         help="an mmggem model folder (mmggem.save_model), hf-hub:ORG/NAME, "
+                              "or open_clip:NAME with --pretrained")
+        sub.add_argument("--pretrained", metavar="FILE_OR_TAG",
+                         help="for --checkpoint open_clip:NAME: a checkpoint file, a pretrained tag of NAME "
+                              "(e.g. laion2b_s34b_b79k) or hf-hub:ORG/NAME")
+        sub.add_argument("--cache-dir", metavar="DIR",
+                         help="where Hub files and tagged weights are cached (default: huggingface_hub's and "
+                              "open_clip's own; with HF_HUB_OFFLINE=1 only this cache is read)")
         sub.add_argument("--dataset", required=True, nargs="+", metavar="DIR", help="CLIP_benchmark-layout set folder(s)")
         sub.add_argument("--output", default=DEFAULT_OUTPUT_PATTERN,
                          help="result JSON file, pattern with {dataset} {model} {pretrained} {task} {language}, "
@@ -62,7 +70,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_dataset, load_model
     from ..evaluate.results import format_tables, write_json
 
-    loaded = load_model(args.checkpoint, args.pretrained)
+    loaded = load_model(args.checkpoint, args.pretrained, args.cache_dir)
     accelerator = Accelerator()
     outputs = _output_files(args, loaded.model_name, loaded.pretrained)
     model = loaded.model.to(accelerator.device)

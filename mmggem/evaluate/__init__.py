@@ -14,8 +14,9 @@ model may be the prepared (DDP-wrapped) one; it is unwrapped, put in eval mode f
 the evaluation and given back in the mode it was in.
 
 ``load_model`` opens what ``mmggem eval`` takes as ``--checkpoint``: an mmggem
-model folder, or ``open_clip:NAME`` with an open_clip checkpoint file, so open_clip
-baselines are measured by the same code.
+model folder, ``hf-hub:org/name`` (an mmggem or an open_clip model repo), or
+``open_clip:NAME`` with a checkpoint file, pretrained tag or ``hf-hub:`` name, so
+open_clip baselines are measured by the same code as in CLIP_benchmark.
 """
 from __future__ import annotations
 
@@ -122,35 +123,61 @@ class LoadedModel:
     pretrained: str
 
 
-def load_model(checkpoint: str, pretrained: str | None = None) -> LoadedModel:
-    """Open an mmggem model folder, or ``open_clip:NAME`` with ``pretrained`` = an open_clip checkpoint file.
+def load_model(checkpoint: str, pretrained: str | None = None, cache_dir: str | None = None) -> LoadedModel:
+    """Open what ``mmggem eval --checkpoint`` names.
 
+    - an mmggem model folder, or ``hf-hub:org/name`` of an mmggem model repo;
+    - ``hf-hub:org/name`` of any other open_clip model repo, built by open_clip's own ``hf-hub:`` loader;
+    - ``open_clip:NAME`` with ``pretrained`` = a checkpoint file, a pretrained tag of NAME or an
+      ``hf-hub:`` name, found as ``model.pretrained`` is (:func:`mmggem.pretrained.resolve_pretrained`).
+
+    Hub files come from huggingface_hub's cache (``cache_dir`` or its default; offline, only the cache).
     Raises UserError when the weights do not fit the architecture, naming both.
     """
-    if not checkpoint.startswith(OPEN_CLIP_PREFIX):
-        if pretrained is not None:
-            raise UsageError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is an mmggem model folder")
-        from ..model import load
+    from ..hub import fetch_config, is_hub_name
 
-        model, preprocess, tokenizer = load(checkpoint)
-        return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, str(checkpoint))
-    return _load_open_clip(checkpoint[len(OPEN_CLIP_PREFIX):], pretrained)
+    if checkpoint.startswith(OPEN_CLIP_PREFIX):
+        return _load_open_clip(checkpoint[len(OPEN_CLIP_PREFIX):], pretrained, cache_dir)
+    if pretrained is not None:
+        raise UsageError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is a whole model")
+    if is_hub_name(checkpoint) and "mmggem" not in fetch_config(checkpoint, cache_dir):
+        return _open_clip_model(checkpoint, None, checkpoint, cache_dir)
+    from ..model import load
+
+    model, preprocess, tokenizer = load(checkpoint, cache_dir)
+    return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, str(checkpoint))
 
 
-def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
+def _load_open_clip(name: str, pretrained: str | None, cache_dir: str | None) -> LoadedModel:
     import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
 
     from ..model import MODEL_CONFIG_DIR
+    from ..pretrained import resolve_pretrained
 
-    if pretrained is None or not Path(pretrained).is_file():
-        raise MissingPathError(f"open_clip:{name} needs --pretrained FILE, an open_clip checkpoint; got {pretrained!r}")
+    if pretrained is None:
+        raise UsageError(f"open_clip:{name} needs --pretrained: a checkpoint file, one of its pretrained tags "
+                         f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) or hf-hub:ORG/NAME")
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     if name not in open_clip.list_models():
         raise UserError(f"open_clip has no model {name!r}; known: {', '.join(open_clip.list_models())}")
+    weights = resolve_pretrained(name, pretrained, cache_dir)
+    if weights.is_dir():
+        raise UsageError(f"--pretrained {pretrained} is a whole mmggem model: evaluate it with --checkpoint {pretrained}")
+    # open_clip takes a tag itself, so the tag's own preprocessing (mean, std, resizing) comes with it
+    is_tag = not Path(pretrained).exists() and get_pretrained_cfg(name, pretrained)
+    return _open_clip_model(name, pretrained if is_tag else str(weights), pretrained, cache_dir)
+
+
+def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir: str | None) -> LoadedModel:
+    """open_clip's own model, transform and tokenizer for ``name`` (or an ``hf-hub:`` name) and ``weights``."""
+    import open_clip
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's loader raises all three on a mismatch
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, cache_dir=cache_dir,
+                                                                     require_pretrained=True)
+    except (RuntimeError, AssertionError, KeyError, TypeError) as error:  # open_clip's loader raises all of these
         detail = str(error)[:2000] or type(error).__name__
         raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
     model.eval()
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), name, pretrained)
