@@ -92,6 +92,48 @@ def test_classes_command_round_trip_with_custom_templates(tmp_path: Path, capsys
     assert "has no {c}" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
+def class_folder_images(images: Path, folders: list[str]) -> None:
+    for index, name in enumerate(folders):
+        (images / name).mkdir(parents=True)
+        (images / name / "0.png").write_bytes(image_bytes(noise(index)))
+
+
+def test_imagenet_wordnet_id_folders_get_imagenet_names_and_the_80_openai_templates(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    class_folder_images(tmp_path / "val", ["n02123045", "n01440764", "n01443537"])  # tabby, tench, goldfish
+    assert run_cli(["data", "classes", "--images", str(tmp_path / "val"), "--out", str(tmp_path / "set")]) == 0
+    loaded = open_eval_set(tmp_path / "set")
+    assert loaded.classnames == ["tench", "goldfish", "tabby cat"]  # sorted by WordNet id, ImageNet's label order
+    assert loaded.templates == [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
+    assert len(loaded.templates) == 80 and [s.label for s in loaded.samples] == [0, 1, 2]
+    assert [label for _, label in clip_benchmark_load(tmp_path / "set")] == [0, 1, 2]
+
+    class_folder_images(tmp_path / "wider", ["n01440764", "n99999999"])  # not all ImageNet-1k: plain folder names
+    assert run_cli(["data", "classes", "--images", str(tmp_path / "wider"), "--out", str(tmp_path / "plain"),
+                    "--templates", "simple_imagenet"]) == 0
+    plain = open_eval_set(tmp_path / "plain")
+    assert plain.classnames == ["n01440764", "n99999999"] and len(plain.templates) == 7
+
+
+def test_classnames_file_and_named_templates_replace_the_folder_names(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    class_folder_images(tmp_path / "images", ["b_folder", "a_folder"])
+    (tmp_path / "names.txt").write_text("first class\nsecond class\n")
+    argv = ["data", "classes", "--images", str(tmp_path / "images"), "--classnames", str(tmp_path / "names.txt")]
+    assert run_cli(argv + ["--out", str(tmp_path / "set"), "--templates", "openai_imagenet"]) == 0
+    loaded = open_eval_set(tmp_path / "set")
+    assert loaded.classnames == ["first class", "second class"] and len(loaded.templates) == 80
+    (tmp_path / "three.txt").write_text("x\ny\nz\n")
+    assert run_cli(argv[:-1] + [str(tmp_path / "three.txt"), "--out", str(tmp_path / "bad")]) == 1
+    assert f"{tmp_path / 'three.txt'}: 3 class names for 2 class folders" in capsys.readouterr().err
+    assert run_cli(argv + ["--out", str(tmp_path / "bad"), "--templates", "openai_imagenett"]) == 2
+    error = capsys.readouterr().err
+    assert "'openai_imagenett' is neither a file nor a template set" in error and "simple_imagenet" in error
+    assert not (tmp_path / "bad").exists()
+
+
 def test_retrieval_command_round_trip_with_several_captions_per_image(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     for i in range(3):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..data import formats
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from ..data.write import WriteReport
@@ -35,9 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classes = commands.add_parser("classes", help="a classification set from one sub-folder of images per class")
     _images(classes)
     _out(classes, "output directory (CLIP_benchmark layout)")
-    classes.add_argument("--templates", type=Path, metavar="FILE",
-                         help=f"zero-shot templates, one per line with {formats.CLASS_PLACEHOLDER} for the class "
-                              f"name (default: {len(formats.DEFAULT_TEMPLATES)} 'a photo of a {{c}}.'-style ones)")
+    classes.add_argument("--classnames", type=Path, metavar="FILE",
+                         help="class names, one per line in the sorted order of the class folders (default: "
+                              "ImageNet's names for WordNet-id folders such as n01440764, else the folder names)")
+    classes.add_argument("--templates", metavar="NAME_OR_FILE",
+                         help=f"zero-shot templates: a file, one per line with {formats.CLASS_PLACEHOLDER} for the "
+                              "class name, or a named set: openai_imagenet (80), simple_imagenet, imagenet1k, "
+                              "cifar10, cifar100, fashion_mnist (default: openai_imagenet for WordNet-id folders, "
+                              f"else {len(formats.DEFAULT_TEMPLATES)} 'a photo of a {{c}}.'-style ones)")
     _common(classes)
     classes.set_defaults(func=_classes)
 
@@ -105,10 +111,21 @@ def _classes(args: argparse.Namespace) -> int:
     from ..data.write import build_classification_set
 
     def build() -> WriteReport:
-        templates = None
-        if args.templates is not None:
-            templates = [line for line in formats.read_lines(args.templates) if line]
-        return build_classification_set(args.images, args.out, templates=templates, overwrite=args.overwrite,
-                                        **_per_shard(args))
+        templates = None if args.templates is None else _templates(args.templates)
+        return build_classification_set(args.images, args.out, classnames=args.classnames, templates=templates,
+                                        overwrite=args.overwrite, **_per_shard(args))
 
     return _run(build)
+
+
+def _templates(name_or_file: str) -> list[str]:
+    """``--templates``: an existing file's non-empty lines, else a named set (mmggem.evaluate.metadata)."""
+    from ..evaluate.metadata import template_set, template_sets
+
+    if Path(name_or_file).is_file():
+        return [line for line in formats.read_lines(name_or_file) if line]
+    templates = template_set(name_or_file)
+    if templates is None:
+        raise UsageError(f"--templates {name_or_file!r} is neither a file nor a template set "
+                         f"({', '.join(sorted(template_sets()))})")
+    return list(templates)

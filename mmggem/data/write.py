@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..fileio import atomic_directory
 from ..errors import MissingPathError, UsageError, UserError
 from . import formats
+from .classnames import class_folders, imagenet_classnames, openai_imagenet_templates, read_classnames
 from .skips import skip_reason
 
 CAPTION_FILE_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
@@ -415,22 +416,11 @@ def build_from_captions(
     return _write_atomically(report, overwrite, lambda tmp: write_retrieval_set(tmp, retrieval, samples_per_shard))
 
 
-def class_folders(images: Path) -> list[tuple[str, Path]]:
-    """(class name, folder) per non-hidden sub-folder, sorted by folder name; '_' in a name becomes a space."""
-    folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise UserError(f"{images} has no sub-folders; expected one sub-folder of images per class")
-    named = [(p.name.replace("_", " ").strip(), p) for p in folders]
-    duplicates = [name for name, count in Counter(name for name, _ in named).items() if count > 1]
-    if duplicates:
-        raise UserError(f"{images}: several folders give the class name(s) {duplicates}")
-    return named
-
-
 def build_classification_set(
     images: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    classnames: Sequence[str] | str | os.PathLike | None = None,
     templates: Sequence[str] | None = None,
     samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
     overwrite: bool = False,
@@ -438,13 +428,24 @@ def build_classification_set(
 ) -> WriteReport:
     """A CLIP_benchmark classification set from a folder with one sub-folder of images per class.
 
-    Labels follow the sorted folder names; ``templates`` default to formats.DEFAULT_TEMPLATES.
+    Labels follow the sorted folder names. Class names are ``classnames`` (a list or a file, one per
+    folder in that order), else ImageNet's for WordNet-id folders, else the folder names; templates
+    are ``templates``, else OpenAI's 80 for WordNet-id folders, else formats.DEFAULT_TEMPLATES
+    (see :mod:`mmggem.data.classnames`).
     """
     images = _require_dir(images)
-    templates = list(templates) if templates is not None else list(formats.DEFAULT_TEMPLATES)
-    formats.check_templates(templates, "zero-shot templates")
-    report = WriteReport(Path(out), "classification set")
     classes = class_folders(images)
+    imagenet = imagenet_classnames([folder.name for _, folder in classes])
+    if templates is None:
+        templates = openai_imagenet_templates() if imagenet else formats.DEFAULT_TEMPLATES
+    templates = list(templates)
+    formats.check_templates(templates, "zero-shot templates")
+    if isinstance(classnames, (str, os.PathLike)):
+        classnames = read_classnames(classnames, len(classes))
+    elif classnames is not None and len(classnames) != len(classes):
+        raise UserError(f"{len(classnames)} class names for {len(classes)} class folders in {images}")
+    names = list(classnames or imagenet or [name for name, _ in classes])
+    report = WriteReport(Path(out), "classification set")
     report.skipped.extend(Skipped(p.name, "not_in_class_folder") for p in images.iterdir()
                           if p.is_file() and not p.name.startswith("."))
     files = [(label, path) for label, (_, folder) in enumerate(classes) for path in _image_files(folder)]
@@ -455,6 +456,5 @@ def build_classification_set(
             if image is not None:
                 yield ClassSample(image, label)
 
-    names = [name for name, _ in classes]
     return _write_atomically(report, overwrite,
                              lambda tmp: write_classification_set(tmp, samples(), names, templates, samples_per_shard))

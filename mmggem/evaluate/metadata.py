@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from ..data import formats
+from ..data.classnames import openai_imagenet_templates
 from ..errors import UserError
 
 
@@ -79,12 +80,9 @@ FASHION_MNIST_TEMPLATES = (
 
 @cache
 def _builtin() -> dict[str, ClassMetadata]:
-    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from open_clip import IMAGENET_CLASSNAMES
 
-    imagenet = ClassMetadata(
-        tuple(IMAGENET_CLASSNAMES),
-        tuple(template(formats.CLASS_PLACEHOLDER) for template in OPENAI_IMAGENET_TEMPLATES),
-    )
+    imagenet = ClassMetadata(tuple(IMAGENET_CLASSNAMES), openai_imagenet_templates())
     return {
         "imagenet1k": imagenet,
         "imagenet": imagenet,
@@ -101,6 +99,22 @@ def _lookup_key(name: str) -> str:
 def builtin_metadata(name: str) -> ClassMetadata | None:
     """Built-in metadata for a dataset name (``imagenet1k``, ``cifar10``, ``cifar100``, ``fashion_mnist``), or None."""
     return _builtin().get(_lookup_key(name))
+
+
+def template_sets() -> dict[str, tuple[str, ...]]:
+    """Named template sets: open_clip's (``openai_imagenet``, 80; ``simple_imagenet``, 7) and each
+    built-in dataset's (``imagenet1k``, ``cifar10``, ``cifar100``, ``fashion_mnist``)."""
+    from open_clip import SIMPLE_IMAGENET_TEMPLATES
+
+    sets = {name: metadata.templates for name, metadata in _builtin().items()}
+    sets["openai_imagenet"] = openai_imagenet_templates()
+    sets["simple_imagenet"] = tuple(template(formats.CLASS_PLACEHOLDER) for template in SIMPLE_IMAGENET_TEMPLATES)
+    return sets
+
+
+def template_set(name: str) -> tuple[str, ...] | None:
+    """The templates a set name stands for (matched as dataset names are), or None."""
+    return {_lookup_key(key): templates for key, templates in template_sets().items()}.get(_lookup_key(name))
 
 
 def builtin_names() -> list[str]:
