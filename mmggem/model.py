@@ -63,6 +63,9 @@ class ModelSpec:
     pooling: str = "ggem"
     pooling_kwargs: dict[str, Any] = field(default_factory=dict)
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+    # where a Hugging Face text tower came from (Hub id or folder), kept through save and load,
+    # since a loaded model's tower is read from its own folder; "" for the tower's current name
+    text_source: str = ""
 
 
 class PooledVisionTransformer(VisionTransformer):
@@ -148,7 +151,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
     PooledVisionTransformer.adopt(model.visual, build_pooler(spec.pooling, width, heads, **spec.pooling_kwargs))
     preprocess_cfg = {**asdict(PreprocessCfg()), "size": model.visual.image_size, **spec.preprocess_cfg}
     set_model_preprocess_cfg(model, preprocess_cfg)
-    model.mmggem_spec = ModelSpec(spec.name, spec.model_cfg, spec.pooling, dict(spec.pooling_kwargs), preprocess_cfg)
+    model.mmggem_spec = ModelSpec(spec.name, spec.model_cfg, spec.pooling, dict(spec.pooling_kwargs), preprocess_cfg,
+                                  spec.text_source)
     return model
 
 
@@ -272,11 +276,15 @@ def image_transform(model: nn.Module, is_train: bool,
 def _spec_json(model: nn.Module) -> dict[str, Any]:
     """The saved config: open_clip's view at the top level, mmggem's own spec in the ``mmggem`` section."""
     spec = model.mmggem_spec
+    section = {"version": __version__, "name": spec.name, "pooling": spec.pooling,
+               "pooling_kwargs": spec.pooling_kwargs, "model_cfg": copy.deepcopy(spec.model_cfg)}
+    text_source = spec.text_source or spec.model_cfg["text_cfg"].get("hf_model_name")
+    if text_source:
+        section["text_source"] = text_source
     return {
-        "model_cfg": open_clip_model_cfg(spec.model_cfg, spec.pooling),
+        "model_cfg": open_clip_model_cfg(spec.model_cfg, spec.pooling, text_source),
         "preprocess_cfg": spec.preprocess_cfg,
-        "mmggem": {"version": __version__, "name": spec.name, "pooling": spec.pooling,
-                   "pooling_kwargs": spec.pooling_kwargs, "model_cfg": copy.deepcopy(spec.model_cfg)},
+        "mmggem": section,
     }
 
 
@@ -319,7 +327,7 @@ def read_spec(path: str | Path) -> ModelSpec:
         if text_cfg.get(key) == ".":
             text_cfg[key] = str(path)
     return ModelSpec(section["name"], model_cfg, section["pooling"], section.get("pooling_kwargs", {}),
-                     config.get("preprocess_cfg", {}))
+                     config.get("preprocess_cfg", {}), section.get("text_source", ""))
 
 
 def load(path: str | Path,

@@ -12,8 +12,9 @@ whatever the top-level ``model_cfg`` says. mmggem itself reads its own copy from
   it before any weight is read, with ``TypeError: ... unexpected keyword argument '<explanation>'``,
   so a user sees why and how to load the folder instead of a state-dict mismatch.
 - A Hugging Face text tower is rebuilt by open_clip from ``hf_model_name`` (its config) before the
-  folder's weights are loaded. A Hub id resolves anywhere, so it is kept; a local folder of the
-  machine that trained the model does not, and the text config is refused the same way.
+  folder's weights are loaded. A Hub id resolves anywhere, so the id the tower came from is written
+  there; a local folder of the machine that trained the model does not, and the text config is
+  refused the same way.
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def refusal(reason: str) -> str:
     return f"needs mmggem: {reason}, which open_clip cannot build; {HOW_TO_LOAD}"
 
 
-def open_clip_model_cfg(model_cfg: dict[str, Any], pooling: str) -> dict[str, Any]:
-    """open_clip's view of ``model_cfg`` for a model pooled with ``pooling``: exact, or refused by open_clip."""
+def open_clip_model_cfg(model_cfg: dict[str, Any], pooling: str, text_source: str | None = None) -> dict[str, Any]:
+    """open_clip's view of ``model_cfg`` for a model pooled with ``pooling``: exact, or refused by open_clip.
+
+    ``text_source`` is where a Hugging Face text tower came from (a Hub id or a folder).
+    """
     view = copy.deepcopy(model_cfg)
     vision_cfg = view.setdefault("vision_cfg", {})
     if pooling in OPEN_CLIP_POOL_TYPES:
@@ -39,10 +43,22 @@ def open_clip_model_cfg(model_cfg: dict[str, Any], pooling: str) -> dict[str, An
     else:
         vision_cfg[refusal(f"this model pools image tokens with {pooling} pooling")] = pooling
     text_cfg = view.get("text_cfg", {})
-    source = text_cfg.get("hf_model_name")
-    if source is not None:
-        if Path(source).exists():  # a folder of this machine: open_clip elsewhere cannot rebuild the tower
-            text_cfg[refusal(f"its Hugging Face text tower came from the local folder {source}")] = source
-        else:  # a Hub id: open_clip fetches its config as it does for its own HF-text models
-            text_cfg["hf_tokenizer_name"] = text_cfg.get("hf_tokenizer_name") or source
+    source = (text_source or text_cfg["hf_model_name"]) if "hf_model_name" in text_cfg else None
+    if source and _is_hub_id(source):  # open_clip fetches its config, as for its own HF-text models
+        text_cfg.update(hf_model_name=source, hf_tokenizer_name=source)
+    elif source:  # a folder of the training machine: open_clip elsewhere cannot rebuild the tower
+        text_cfg[refusal(f"its Hugging Face text tower came from the local folder {source}")] = source
     return view
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``org/name``) rather than a path, as huggingface_hub validates it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True

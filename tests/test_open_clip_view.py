@@ -89,6 +89,8 @@ HUB_TEXT_TOWER = textwrap.dedent("""
     import mmggem, test_open_clip_view as t
     model = t.trained_like("avg", text_tower="someone/tiny-bert")
     t.assert_same_embeddings(model, mmggem.save_model(model, Path(sys.argv[1])))
+    again = mmggem.load(sys.argv[1])[0]  # its tower now reads the folder; the Hub id it came from travels on
+    t.assert_same_embeddings(again, mmggem.save_model(again, Path(sys.argv[1] + "-again")))
 """)
 
 
@@ -100,5 +102,6 @@ def test_a_text_tower_from_the_hub_gives_open_clip_the_same_embeddings(tmp_path:
                             env=cpu_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
                                         PYTHONPATH=f"{Path(__file__).parent}:{Path(__file__).parents[1]}"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "model" / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]["hf_model_name"] \
-        == "someone/tiny-bert"
+    for folder in ("model", "model-again"):
+        config = json.loads((tmp_path / folder / CONFIG_FILE).read_text())
+        assert config["model_cfg"]["text_cfg"]["hf_model_name"] == "someone/tiny-bert"
