@@ -42,7 +42,7 @@ def _missing(name: str, cache_dir: str | Path | None, error: Exception) -> Missi
     repo, folder = repo_id(name), cache_folder(cache_dir)
     return MissingPathError(
         f"{name} is not in the Hugging Face cache {folder} and could not be fetched ({type(error).__name__}); "
-        f"fill it on a machine with network with `huggingface-cli download {repo} --cache-dir {folder}` and copy "
+        f"fill it on a machine with network with `hf download {repo} --cache-dir {folder}` and copy "
         f"{folder}/models--{repo.replace('/', '--')} here")
 
 

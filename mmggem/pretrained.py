@@ -55,11 +55,12 @@ def _missing_weights_message(tag: str, source: dict[str, Any], cache: str | None
         if not source["hf_hub"].endswith("/"):  # open_clip's convention: 'org/repo/' or 'org/repo/file'
             repo, _, filename = repo.rpartition("/")
         folder = cache_folder(cache)
-        how = (f"fill it on a machine with network with `huggingface-cli download {repo} {filename} --cache-dir "
+        how = (f"fill it on a machine with network with `hf download {repo} {filename} --cache-dir "
                f"{folder}` and copy {folder}/models--{repo.replace('/', '--')} here, or download the file and "
-               f"set model.pretrained to its path")
+               f"give its path instead (model.pretrained, or --pretrained of mmggem eval)")
     else:
         folder = cache or str(Path("~/.cache/clip").expanduser())
-        how = f"download {source['url']} into {folder}, or set model.pretrained to the downloaded file"
+        how = (f"download {source['url']} into {folder}, or give the downloaded file instead "
+               "(model.pretrained, or --pretrained of mmggem eval)")
     return (f"pretrained weights {tag!r} are not in the cache folder {folder} and could not be fetched "
             f"({type(error).__name__}); {how}")

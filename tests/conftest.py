@@ -64,7 +64,7 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
 
 def hub_cache(cache: Path, repo: str, *files: Path, commit: str = "0" * 40) -> Path:
     """Place ``files`` (a folder's files, or single files) in Hugging Face's cache layout under ``cache``,
-    as `huggingface-cli download --cache-dir` leaves them: ``models--ORG--NAME/refs/main`` names the
+    as `hf download --cache-dir` leaves them: ``models--ORG--NAME/refs/main`` names the
     commit whose ``snapshots/<commit>/`` holds them. huggingface_hub resolves it with HF_HUB_OFFLINE=1."""
     folder = cache / f"models--{repo.replace('/', '--')}"
     snapshot = folder / "snapshots" / commit

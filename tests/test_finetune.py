@@ -95,7 +95,7 @@ def test_missing_pretrained_tag_names_the_tag_the_cache_and_the_fix(train_shards
     assert result.returncode != 0
     message = result.stderr
     assert "'laion2b_s34b_b79k'" in message and str(cache) in message, message[-2000:]
-    assert "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_model.safetensors" in message
+    assert "hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_model.safetensors" in message
 
 
 def test_unknown_pretrained_name_lists_the_model_tags(train_shards: str, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_a_repo_missing_from_the_cache_names_the_repo_and_the_cache(tmp_path: Pa
         mmggem.load("hf-hub:someone/absent", cache_dir=tmp_path / "cache")
     message = str(error.value)
     assert "hf-hub:someone/absent" in message and str(tmp_path / "cache") in message
-    assert "huggingface-cli download someone/absent" in message
+    assert "hf download someone/absent" in message
 
 
 def evaluate(tmp_path: Path, root: Path, label: str, *args: str) -> dict:
