@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from ..data import formats
-from ..errors import MissingPathError, UsageError, UserError
+from ..errors import UsageError, UserError
 from .dataset import Encoding, Processes, open_eval_set
 from .metadata import resolve_metadata
 from .results import DEFAULT_RECALL_K, ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, EvalResult
