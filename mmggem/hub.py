@@ -15,7 +15,7 @@ from typing import Any
 from .errors import MissingPathError, UserError
 
 HF_HUB_PREFIX = "hf-hub:"
-CONFIG_FILE = "open_clip_config.json"
+CONFIG_FILE = "open_clip_config.json"  # open_clip's name, in local-dir folders and Hub repos alike
 
 
 def is_hub_name(name: str | Path) -> bool:

@@ -38,13 +38,12 @@ from . import __version__
 from .config import deep_merge
 from .errors import MissingPathError, UserError
 from .fileio import atomic_directory
-from .hub import download_model_folder, is_hub_name
+from .hub import CONFIG_FILE, download_model_folder, is_hub_name
 from .open_clip_view import open_clip_model_cfg
 from .pooling import build_pooler
 from .pretrained import resolve_pretrained
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 POOLER_PREFIX = "visual.pooler."
 
