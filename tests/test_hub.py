@@ -10,9 +10,10 @@ import huggingface_hub
 import open_clip
 import pytest
 import torch
-from conftest import hub_cache
+from conftest import hub_cache, run_cli
 from test_evaluate_parity import NAME, assert_same_metrics, classification_set, spread_model
 from test_open_clip_view import trained_like
+from test_train import final_weights, ok, train_args
 
 import mmggem
 from mmggem.cli import main as cli_main
@@ -41,6 +42,18 @@ def test_an_mmggem_repo_loads_with_its_pooling_in_load_and_as_pretrained(tmp_pat
     started = mmggem.create_model(NAME, pooling="ggem", pretrained="hf-hub:someone/ggem-tiny",
                                   cache_dir=tmp_path / "cache")
     assert_same_weights(started, model)  # the learned p of every group included
+
+
+def test_a_run_starts_from_an_mmggem_repo_with_its_learned_pooler(train_shards: str, tmp_path: Path) -> None:
+    model = trained_like("ggem")
+    hub_cache(tmp_path / "cache", "someone/ggem-start", mmggem.save_model(model, tmp_path / "model"))
+    out = tmp_path / "run"
+    ok(run_cli(*train_args(train_shards, out, "model.pooling=ggem", "model.pretrained=hf-hub:someone/ggem-start",
+                           f"model.cache_dir={tmp_path / 'cache'}", "model.lock_image=true", "model.lock_text=true",
+                           "model.lock_pooler=true", "train.steps=1"), HF_HUB_OFFLINE="1"))
+    after, before = final_weights(out), model.state_dict()
+    assert torch.equal(after["visual.pooler.p"], before["visual.pooler.p"])  # the repo's p, not a fresh one
+    assert torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
 
 
 def test_a_repo_missing_from_the_cache_names_the_repo_and_the_cache(tmp_path: Path, offline: None) -> None:
