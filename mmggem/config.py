@@ -77,7 +77,7 @@ class TrainConfig:
     adam_eps: float = 1e-6
     pool_p_lr_mult: float = 10.0
     grad_clip: float | None = 1.0
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["no", "bf16", "fp16"] | None = None  # None: the launcher's (mmggem.precision)
     accum_steps: int = 1
     loss: Literal["clip", "siglip"] = "clip"
     local_loss: bool = False

@@ -46,6 +46,12 @@ class RunLog:
     def __init__(self, accelerator: Accelerator, output_dir: Path) -> None:
         self.accelerator = accelerator
         self.path = output_dir / RESULTS_FILE
+        self.notes: dict[str, Any] = {}
+
+    def note(self, facts: dict[str, Any]) -> None:
+        """Facts of the run (not metrics, e.g. ``run/precision``) for the next record of results.jsonl;
+        wandb has them in its run config."""
+        self.notes.update(facts)
 
     def _wandb_run(self) -> Any | None:
         trackers = [t for t in self.accelerator.trackers if t.name == "wandb"]
@@ -69,7 +75,8 @@ class RunLog:
         if not self.accelerator.is_main_process:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            handle.write(json.dumps({"step": step, **metrics, **self.notes}) + "\n")
+        self.notes = {}
         if self._wandb_run() is not None:
             self._guard("log", lambda: self.accelerator.log(metrics, step=step))
 

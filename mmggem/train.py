@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,8 +36,9 @@ from .fsdp import (enable_fsdp_on_cpu, full_tensor, is_fsdp, plain_model, shardi
                    vectorize_scalar_parameters)
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
 from .model import create_model, get_tokenizer, image_transform, lock_towers, save_model
-from .nonfinite import NonFiniteSteps
+from .nonfinite import NonFiniteSteps, optimizer_step
 from .optim import build_optimizer, cosine_schedule
+from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
 from .stopping import EXIT_REQUEUE, StopControl
 from .tracking import RunLog, init_wandb
 
@@ -56,6 +57,7 @@ class TrainState:
     bad_steps: int = 0
     bad_steps_in_a_row: int = 0
     samples_seen: int = 0
+    scaler_skips: int = 0
 
 
 @dataclass
@@ -74,14 +76,20 @@ class TrainOutcome:
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
-    """accelerate's Accelerator for the run; an FSDP launch gets FSDP on CPU processes too."""
+    """accelerate's Accelerator for the run, in the precision :mod:`mmggem.precision` resolves; an FSDP
+    launch gets FSDP on CPU processes too."""
+    mixed_precision, note = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.precision,
+        mixed_precision=mixed_precision,
         log_with="wandb" if cfg.log.wandb != "off" else None,
         project_dir=cfg.output_dir,
         dynamo_backend="inductor" if cfg.model.compile else None,
     )
     enable_fsdp_on_cpu(accelerator)
+    check_precision(accelerator, is_fsdp(accelerator))
+    if note:
+        accelerator.print(note)
+    accelerator.print(describe_precision(accelerator, cfg.train.precision))
     return accelerator
 
 
@@ -149,21 +157,6 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Ac
     return loss
 
 
-def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   nonfinite: NonFiniteSteps, grad_clip: float | None, step: int) -> torch.Tensor:
-    """Clip, then update unless the gradient norm is non-finite (skipped on the device); returns the norm.
-
-    The norm is always computed (with ``grad_clip`` unset, clipping at infinity changes nothing)
-    because it is what decides, identically on every process, whether the step is skipped.
-    """
-    grad_norm = full_tensor(accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)).detach()
-    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
-    torch_optimizer.found_inf = nonfinite.update(grad_norm, step)  # read by fused AdamW: 1 skips the update
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
     """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor on the host, or None.
 
@@ -201,7 +194,7 @@ def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelera
     preprocess = image_transform(unwrapped, is_train=False)
     results = [
         evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
-                         num_workers=cfg.eval.workers, accelerator=accelerator, amp=cfg.train.precision != "no",
+                         num_workers=cfg.eval.workers, accelerator=accelerator, amp=accelerator.mixed_precision != "no",
                          progress=False)
         for dataset in cfg.eval.datasets
     ]
@@ -230,12 +223,6 @@ def restore_data_position(loader: TrainLoader, checkpoint: Path, saved_world_siz
     return False
 
 
-def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
-    """TF32 matmuls on CUDA when ``tf32`` (open_clip does the same); full fp32 otherwise."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-
-
 def train(cfg: RunConfig) -> TrainOutcome:
     """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it)."""
     output_dir = Path(cfg.output_dir)
@@ -244,6 +231,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
         torch.set_num_threads(cfg.train.threads)
     configure_matmul_precision(accelerator.device, cfg.train.tf32)
     resume_from = resolve_resume(output_dir, cfg.train.resume)
+    cfg = replace(cfg, train=replace(cfg.train, precision=accelerator.mixed_precision))  # the one in effect
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -269,7 +257,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
     state, saved = TrainState(), None
     if resume_from is not None:
         saved = load_checkpoint(accelerator, resume_from)
-        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     loader = TrainLoader(
@@ -285,6 +273,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
         init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
     run_log = RunLog(accelerator, output_dir)
     run_log.rewind(state.step)
+    run_log.note({"run/precision": accelerator.mixed_precision})
     if approximate:
         run_log.log({"data/resumed_approximately": 1}, state.step)
     stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
@@ -320,7 +309,7 @@ class _Run:
         host never waits for the device."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        nonfinite = NonFiniteSteps(accelerator.device, state.bad_steps, state.bad_steps_in_a_row)
+        nonfinite = NonFiniteSteps(accelerator.device, state.bad_steps, state.bad_steps_in_a_row, state.scaler_skips)
         global_batch = cfg.train.batch_size * accelerator.num_processes
         progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                         disable=not (accelerator.is_main_process and cfg.log.progress))
@@ -336,7 +325,7 @@ class _Run:
                 images, texts = to_device(images, texts, accelerator.device, self.normalizer)
                 loss = train_step(self.model, self.loss_fn, accelerator, images, texts, cfg.train.accum_steps)
                 grad_norm = optimizer_step(accelerator, self.model, self.optimizer, nonfinite, cfg.train.grad_clip,
-                                           state.step + 1)
+                                           state.step + 1, loss)
                 self.scheduler.step()
                 clamp_logit_scale_(unwrapped)
                 state.step += 1
@@ -358,6 +347,9 @@ class _Run:
                         "perf/data_wait_s": data_wait,
                         "data/skipped_samples": skipped_samples(self.loader, accelerator),
                     })
+                    if accelerator.scaler is not None:
+                        metrics.update({"train/scaler_skips": state.scaler_skips,
+                                        "train/loss_scale": accelerator.scaler.get_scale()})
                     self.run_log.log(metrics, state.step)
                     exponents = pool_exponents(unwrapped)
                     if exponents is not None:
@@ -395,6 +387,7 @@ class _Run:
         """Bring the device counters into ``state``; stop the run after ``train.max_bad_steps`` in a row."""
         counts = nonfinite.read()
         self.state.bad_steps, self.state.bad_steps_in_a_row = counts.total, counts.in_a_row
+        self.state.scaler_skips = counts.scaler_skips
         if counts.longest_streak >= self.cfg.train.max_bad_steps:
             kept = list_checkpoints(self.cfg.output_dir)
             raise TrainingDiverged(
