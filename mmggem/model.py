@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,6 @@ from typing import Any, Callable
 import open_clip
 import torch
 from open_clip.model import CLIPVisionCfg, set_model_preprocess_cfg
-from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
@@ -246,12 +246,22 @@ def lock_towers(model: nn.Module, image: bool = False, image_unlocked_groups: in
 
 
 def get_tokenizer(model: nn.Module) -> Tokenizer:
-    """The tokenizer matching the model's text tower (open_clip's BPE, or the HF tokenizer)."""
+    """The tokenizer of the model's text tower, as ``open_clip.get_tokenizer`` builds it for this model.
+
+    open_clip's factory reads the model config's ``text_cfg`` (``context_length``,
+    ``tokenizer_kwargs`` such as ``clean`` or ``strip_sep_token``, ``hf_tokenizer_name``,
+    ``tokenizer_mode``). It takes a model name, not a config, so the model is handed to it the way
+    :func:`save_model` writes it, as a ``local-dir:`` folder (a temporary one, with a Hugging Face
+    tokenizer's files when the text tower has one): the options come from the factory, never a copy.
+    """
+    from transformers import AutoTokenizer
+
     text_cfg = model.mmggem_spec.model_cfg["text_cfg"]
-    context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
-    if text_cfg.get("hf_tokenizer_name"):
-        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
-    return SimpleTokenizer(context_length=context_length)
+    with tempfile.TemporaryDirectory(prefix="mmggem-tokenizer-") as folder:
+        (Path(folder) / CONFIG_FILE).write_text(json.dumps({"model_cfg": model.mmggem_spec.model_cfg}))
+        if text_cfg.get("hf_tokenizer_name"):  # open_clip reads a local-dir model's tokenizer from the folder
+            AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
+        return open_clip.get_tokenizer(f"local-dir:{folder}")
 
 
 def image_transform(model: nn.Module, is_train: bool,

@@ -216,3 +216,65 @@ def test_locked_text_tower_leaves_its_last_layers_trainable() -> None:
     trainable = {name.split(".")[0] + "." + name.split(".")[2] if name.startswith("transformer.") else name
                  for name, p in model.named_parameters() if p.requires_grad and not name.startswith("visual.")}
     assert trainable == {"transformer.2", "ln_final.weight", "ln_final.bias", "text_projection", "logit_scale"}
+
+
+# captions that tokenizer options change: punctuation, casing, spacing, non-ASCII, and longer than any context
+CAPTIONS = ["A Photo of a SHIRT!", "shoe, shoe... & shirt? (a photo)", "  a\tphoto \n of  a shoe ",
+            "café naïve résumé — Ünïcödé 東京 😀", "a photo of a shirt " * 40]
+
+
+def bpe_tokenizer_models() -> list[str]:
+    """open_clip model names whose tokenizer is open_clip's own BPE (no download): no Hugging Face
+    tokenizer in the config and no SigLIP name (open_clip picks a SentencePiece tokenizer by name)."""
+    return [name for name in open_clip.list_models()
+            if not open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
+            and "siglip" not in name.lower()]
+
+
+def test_tokens_equal_open_clips_for_every_model_mmggem_builds() -> None:
+    accepted = []
+    for name in bpe_tokenizer_models():
+        try:
+            with torch.device("meta"):  # the config is what matters; no weights are allocated
+                model = mmggem.create_model(name)
+        except ValueError:  # a timm, ResNet or CoCa image tower: mmggem refuses the model
+            continue
+        assert torch.equal(get_tokenizer(model)(CAPTIONS), open_clip.get_tokenizer(name)(CAPTIONS)), name
+        accepted.append(name)
+    assert {NAME, "ViT-B-16", "ViT-L-14", "ViT-bigG-14"} <= set(accepted) and len(accepted) >= 30
+
+
+def register(tmp_path: Path, name: str, text_cfg: dict) -> str:
+    """An open_clip-format model config named ``name`` with ``text_cfg``, registered with open_clip."""
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 28, "layers": 1, "width": 64, "head_width": 32,
+                                           "patch_size": 14},
+           "text_cfg": {"width": 32, "heads": 2, "layers": 1, **text_cfg}}
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return name
+
+
+def test_tokenizer_options_of_the_model_config_are_applied(tmp_path: Path) -> None:
+    """``tokenizer_kwargs`` (open_clip's CLIPA and worldwide configs have them) and the context length
+    reach the tokenizer, for open_clip's BPE and for a Hugging Face tokenizer from a local folder, in the
+    model as built and as saved and loaded."""
+    bert = write_tiny_bert(tmp_path / "bert")
+    bpe = register(tmp_path, "Tiny-BPE-Canonical", {"context_length": 12, "vocab_size": 49408,
+                                                    "tokenizer_kwargs": {"clean": "canonicalize"}})
+    hf = register(tmp_path, "Tiny-HF-StripSep", {
+        "context_length": 12, "hf_model_name": str(bert), "hf_tokenizer_name": str(bert),
+        "hf_model_pretrained": False, "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+        "tokenizer_kwargs": {"strip_sep_token": True, "clean": "canonicalize"}})
+    plain = {bpe: open_clip.SimpleTokenizer(context_length=12),
+             hf: open_clip.tokenizer.HFTokenizer(str(bert), context_length=12)}
+    for name in (bpe, hf):
+        expected = open_clip.get_tokenizer(name)(CAPTIONS)
+        assert expected.shape == (len(CAPTIONS), 12)
+        assert not torch.equal(expected, plain[name](CAPTIONS))  # the options change these captions' tokens
+        model = mmggem.create_model(name)
+        assert torch.equal(get_tokenizer(model)(CAPTIONS), expected), name
+        folder = mmggem.save_model(model, tmp_path / name)
+        assert torch.equal(mmggem.load(folder)[2](CAPTIONS), expected), name
+        assert torch.equal(open_clip.get_tokenizer(f"local-dir:{folder}")(CAPTIONS), expected), name
