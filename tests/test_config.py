@@ -67,7 +67,7 @@ def test_dotted_overrides_are_typed_and_win(tmp_path: Path) -> None:
         ("nonsense=1", r"unknown key nonsense"),
         ("train.steps=many", r"train\.steps: expected int, got 'many'"),
         ("train.steps=1.5", r"train\.steps: expected int"),
-        ("train.precision=fp8", r"train\.precision: expected one of 'no', 'bf16', 'fp16', got 'fp8'"),
+        ("train.precision=fp8", r"train\.precision: expected one of 'no', 'bf16', 'fp16' or NoneType, got 'fp8'"),
         ("log.wandb=cloud", r"log\.wandb: expected one of 'off', 'offline', 'online'"),
         ("model.pooling=median", r"model\.pooling: 'median' is not one of cls, avg, max, gem, ggem, attn"),
         ("train.batch_size=0", r"train\.batch_size: must be >= 1"),
@@ -125,6 +125,15 @@ def test_base_files_are_read_first_and_overridden(tmp_path: Path) -> None:
 def test_the_walk_finds_the_documented_literal_options() -> None:
     options = literal_options()
     assert {("log.wandb", "off"), ("train.precision", "no"), ("train.loss", "siglip")} <= set(options)
+
+
+@pytest.mark.parametrize("word", ["null", "none", "~"])
+def test_precision_is_unset_by_default_and_by_a_null_word(tmp_path: Path, word: str) -> None:
+    """Unset (None) lets the launcher decide (mmggem.precision); ``no`` is kept as fp32, not read as false."""
+    assert load_config(CONFIGS / "demo.yaml").train.precision is None
+    assert load_config(CONFIGS / "demo.yaml", [f"train.precision={word}"]).train.precision is None
+    assert load_config(unquoted_yaml(tmp_path, "train.precision", word)).train.precision is None
+    assert load_config(CONFIGS / "demo.yaml", ["train.precision=no"]).train.precision == "no"
 
 
 @pytest.mark.parametrize(("key", "value"), literal_options())

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fsdp_cli(*args: str) -> subprocess.CompletedProcess:
-    return launch_config(ROOT / "launch" / "accelerate" / "fsdp.yaml", *args, processes=2,
-                         options=("--mixed_precision", "no"))
+    """The shipped config as is (bf16); ``train.precision=no`` wins, for a comparison with fp32 DDP."""
+    return launch_config(ROOT / "launch" / "accelerate" / "fsdp.yaml", *args, "train.precision=no", processes=2)
 
 
 def evaluations(output_dir: Path) -> dict[str, float]:
@@ -38,6 +38,7 @@ def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, smal
     ok(accelerate_cli(*args(tmp_path / "ddp")))
     whole = tmp_path / "fsdp"
     result = ok(fsdp_cli(*args(whole)))
+    assert "precision: train.precision=no wins over the launcher's bf16" in result.stdout
     summary = re.search(r"model: ([\d,]+) parameter elements; FSDP2: (\d+) of (\d+) parameters are DTensors sharded "
                         r"over 2 processes, process 0 holds ([\d,]+) elements", result.stdout)
     assert summary, result.stdout[-2000:]

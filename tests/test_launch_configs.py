@@ -1,16 +1,19 @@
 """Every accelerate config shipped in launch/accelerate/ runs for real: real processes on the CPU.
 
 The GPU configs run here as shipped except for what a CPU lacks: ACCELERATE_USE_CPU=true, and
-2 processes instead of 8 (or 16). Their bf16 autocast stays on (slow on this CPU, fine for 3 steps).
-The multi-node config runs as two machines on localhost, one process each: training, a
-checkpoint, and a resume that continues exactly.
+2 processes instead of 8 (or 16). Their bf16 autocast stays on (~25x slower on this CPU, so 2 steps),
+and each run records the precision its config names. The multi-node config runs as two machines on
+localhost, one process each: training, a checkpoint, and a resume that continues exactly, in fp32
+set by ``train.precision=no``, which wins over the config's bf16 with one printed line.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ACCELERATE, cpu_env, free_port, launch_config
 from test_train import assert_same_run, losses, ok, train_args
 
@@ -23,29 +26,53 @@ def test_every_shipped_config_is_covered() -> None:
         ["1gpu.yaml", "8gpu_ddp.yaml", "cpu_2proc.yaml", "fsdp.yaml", "multinode_ddp.yaml"])
 
 
-@pytest.mark.parametrize(("config", "processes"), [("1gpu.yaml", None), ("8gpu_ddp.yaml", 2),
-                                                   ("cpu_2proc.yaml", 2)])
-def test_single_node_configs_train(train_shards: str, tmp_path: Path, config: str, processes: int | None) -> None:
+def recorded_precision(out: Path) -> tuple[set[str], str]:
+    """The precision a run recorded: in its results.jsonl (once per start) and in its config.yaml."""
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    noted = {record["run/precision"] for record in records if "run/precision" in record}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    return noted, config["train"]["precision"]
+
+
+@pytest.mark.parametrize(("config", "processes", "precision"), [("1gpu.yaml", None, "bf16"),
+                                                                ("8gpu_ddp.yaml", 2, "bf16"),
+                                                                ("cpu_2proc.yaml", 2, "no")])
+def test_single_node_configs_train_in_their_precision(train_shards: str, tmp_path: Path, config: str,
+                                                      processes: int | None, precision: str) -> None:
     out = tmp_path / "run"
-    ok(launch_config(CONFIGS / config, *train_args(train_shards, out, "train.steps=3"), processes=processes))
-    assert len(losses(out)) == 3 and (out / "final" / "open_clip_model.safetensors").is_file()
+    result = ok(launch_config(CONFIGS / config, *train_args(train_shards, out, "train.steps=2"), processes=processes))
+    assert yaml.safe_load((CONFIGS / config).read_text())["mixed_precision"] == precision
+    assert f"precision: {precision} (" in result.stdout and "set by the launcher" in result.stdout
+    assert recorded_precision(out) == ({precision}, precision)
+    assert len(losses(out)) == 2 and (out / "final" / "open_clip_model.safetensors").is_file()
     world = processes or 1
-    state = (out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text()
+    state = (out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text()
     assert f'"world_size": {world}' in state
 
 
+def test_an_explicit_precision_wins_over_the_launch_config(train_shards: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = ok(launch_config(CONFIGS / "cpu_2proc.yaml", *train_args(train_shards, out, "train.steps=1",
+                                                                      "train.precision=bf16"), processes=1))
+    assert result.stdout.count("precision: train.precision=bf16 wins over the launcher's no") == 1
+    assert "precision: bf16 (bf16 autocast; set by train.precision)" in result.stdout
+    assert recorded_precision(out) == ({"bf16"}, "bf16")
+
+
 def test_multinode_config_runs_as_two_machines_checkpoints_and_resumes(train_shards: str, tmp_path: Path) -> None:
-    def two_machines(out: Path, *overrides: str) -> None:
+    def two_machines(out: Path, *overrides: str) -> None:  # the config's bf16 reaches the run; train.precision wins
         port = str(free_port())
         args = train_args(train_shards, out, "train.steps=6", "train.precision=no", *overrides)
         machines = [subprocess.Popen(
             [ACCELERATE, "launch", "--config_file", str(CONFIGS / "multinode_ddp.yaml"), "--num_machines", "2",
              "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", port, "--mixed_precision", "no", "-m", "mmggem", *args],
+             "--main_process_port", port, "-m", "mmggem", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env()) for rank in range(2)]
         for machine in machines:
             output, _ = machine.communicate(timeout=300)
             assert machine.returncode == 0, output[-3000:]
+            assert "precision: train.precision=no wins over the launcher's bf16" in output
+        assert recorded_precision(out) == ({"no"}, "no")
 
     reference = tmp_path / "whole"
     two_machines(reference)

@@ -59,6 +59,9 @@ def test_one_process_run_logs_checkpoints_and_exports(train_shards: str, tmp_pat
     assert records[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
     assert (out / "config.yaml").read_text().count("pooling: ggem") == 1
+    # no launcher and train.precision unset: fp32, said at start and recorded
+    assert "precision: no (fp32; set by the default)" in result.stdout
+    assert "precision: 'no'" in (out / "config.yaml").read_text() and records[0]["run/precision"] == "no"
     model, _, tokenizer = mmggem.load(out / "final")
     assert model.encode_text(tokenizer(["a photo of colour 2"])).shape == (1, 128)
 
