@@ -6,17 +6,23 @@ trainer, in torch and in accelerate alike. On a CPU every tensor lives on the ho
 value reads (``_local_scalar_dense`` and friends) are visible there; on CUDA the copies to the
 host are counted too.
 
+``Tensor.tolist()`` and ``Tensor.numpy()`` of a CPU tensor reach no dispatcher op at all (on
+CUDA, ``tolist`` copies to the host first), so while counting, those two methods are wrapped
+to record each call as well: a per-step ``.tolist()`` of a device counter is seen on the CPU
+too, not only by the GPU check.
+
 Used by ``train_reads_worker.py`` (the 2-process and 1-process tests) and the GPU self-check.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 VALUE_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
+UNDISPATCHED_READS = ("tolist", "numpy")  # Tensor methods that read values without a dispatcher op on CPU
 
 
 def _device(value: Any) -> torch.device | None:
@@ -40,6 +46,25 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.step = 0
         self.reads: list[tuple[int, str]] = []
+        self._originals: dict[str, Callable[..., Any]] = {}
+
+    def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.reads.append((self.step, f"Tensor.{name}"))
+            return method(tensor, *args, **kwargs)
+        return counted
+
+    def __enter__(self) -> "HostReads":
+        for name in UNDISPATCHED_READS:
+            self._originals[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._counted(name, self._originals[name]))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for name, method in self._originals.items():
+            setattr(torch.Tensor, name, method)
+        self._originals.clear()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -4,6 +4,9 @@ Usage: ``python tests/train_reads_worker.py OUT.json CONFIG [key=value ...]``, o
 (torch's env:// variables select the rank). Writes ``{"steps": N, "reads": {step: [op, ...]},
 "initial_weights": checksum}`` (a checksum of the weights as built, before training)
 to ``OUT.json`` with the rank inserted before the suffix (``OUT.rank0.json``).
+
+With ``INJECT_PER_STEP_READ=1`` in the environment, a fault is injected: the non-finite step
+counters are read (a ``.tolist()``) after every optimizer step, so a test can show the count sees it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ def main(out: str, config: str, *overrides: str) -> None:
         return real_train_step(*args, **kwargs)
 
     trainer.train_step, trainer.build_model = counted_train_step, recorded_build_model
+    if os.environ.get("INJECT_PER_STEP_READ") == "1":
+        real_optimizer_step = trainer.optimizer_step
+
+        def reading_optimizer_step(accelerator, model, optimizer, nonfinite, *args, **kwargs):
+            grad_norm = real_optimizer_step(accelerator, model, optimizer, nonfinite, *args, **kwargs)
+            nonfinite.read()
+            return grad_norm
+
+        trainer.optimizer_step = reading_optimizer_step
     with counter:
         trainer.train(cfg)
     rank = os.environ.get("RANK", "0")
