@@ -6,13 +6,17 @@ where torch sees no CUDA device. Each test drives the public CLI or API on the G
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import GradScalerKwargs
 from conftest import ACCELERATE, PYTHON
+from test_nonfinite import fp16_state, run, updates  # noqa: F401 - fp16_state is a fixture
 from test_evaluate_parity import assert_same_metrics, classification_set, clip_benchmark_metrics, tiny_model
 from test_train import assert_same_run, final_weights, losses, ok, train_args
 
@@ -68,15 +72,32 @@ def test_batches_are_pinned_copied_without_blocking_and_normalised_on_the_gpu(tr
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
 
 
-def test_steps_between_log_steps_read_nothing_from_the_gpu(train_shards: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_steps_between_log_steps_read_nothing_from_the_gpu(train_shards: str, tmp_path: Path, precision: str) -> None:
     worker = Path(__file__).with_name("train_reads_worker.py")
     command = [PYTHON, str(worker), str(tmp_path / "reads.json"), str(ROOT / "configs" / "demo.yaml"),
-               *train_args(train_shards, tmp_path / "run", "train.steps=9", "log.every=4")[2:]]
+               *train_args(train_shards, tmp_path / "run", "train.steps=9", "log.every=4",
+                           f"train.precision={precision}")[2:]]
     ok(subprocess.run(command, capture_output=True, text=True, env=gpu_env(), cwd=worker.parent, timeout=600))
     reads = {int(k): v for k, v in json.loads((tmp_path / "reads.rank0.json").read_text())["reads"].items()}
     quiet = [step for step in range(1, 9) if step % 4]
     assert {step: reads[step] for step in quiet} == {step: [] for step in quiet}
     assert reads[4] and reads[8]  # the log steps do read (the counter sees device-to-host copies)
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert records[0]["run/precision"] == precision
+    assert all(("train/scaler_skips" in record) == (precision == "fp16") for record in records)
+
+
+def test_fp16_overflows_on_the_gpu_are_scaler_skips_not_divergence(fp16_state: None) -> None:
+    """accelerate's own CUDA GradScaler and fp16 autocast, the scale started high enough to overflow."""
+    accelerator = Accelerator(kwargs_handlers=[GradScalerKwargs(init_scale=2.0 ** 24, growth_interval=10_000)])
+    assert accelerator.mixed_precision == "fp16" and accelerator.scaler is not None
+    losses, nonfinite, optimizer = run(accelerator, 40)
+    counts = nonfinite.read()
+    skips = round(math.log2(2.0 ** 24 / accelerator.scaler.get_scale()))
+    assert counts.scaler_skips == skips and 5 <= skips < 40
+    assert (counts.total, counts.longest_streak) == (0, 0) and updates(optimizer) == 40 - skips
+    assert torch.isfinite(losses).all()
 
 
 def test_fsdp_config_trains_on_one_gpu(train_shards: str, tmp_path: Path) -> None:

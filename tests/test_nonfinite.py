@@ -40,28 +40,24 @@ def fp16_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     GradientState._reset_state()
 
 
-def prepared(scaler: torch.amp.GradScaler | None) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
-    """The tiny model and its fused AdamW prepared by an fp16 Accelerator with ``scaler`` (None: no scaler)."""
+def cpu_accelerator(scaler: torch.amp.GradScaler | None) -> Accelerator:
+    """An fp16 Accelerator on the CPU with ``scaler`` (None: none) and autocast off."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[AutocastKwargs(enabled=False)])
     assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None  # accelerate's CPU: no scaler
     accelerator.native_amp, accelerator.scaler = scaler is not None, scaler
+    return accelerator
+
+
+def run(accelerator: Accelerator, steps: int, loss_fn=None, counter: HostReads | None = None
+        ) -> tuple[torch.Tensor, NonFiniteSteps, torch.optim.Optimizer]:
+    """``steps`` of the trainer's train_step + optimizer_step on a fixed batch, for the tiny model and
+    its fused AdamW prepared by ``accelerator``; the losses (not read), counters and optimizer."""
     torch.manual_seed(0)
     model = mmggem.create_model("ViT-Ti-4-28")
-    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), 1e-6, 10.0)
-    return accelerator, *accelerator.prepare(model, optimizer)
-
-
-def batch(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    return images, get_tokenizer(model)([f"a photo of colour {i % 5}" for i in range(8)])
-
-
-def run(scaler: torch.amp.GradScaler | None, steps: int, loss_fn=None, counter: HostReads | None = None
-        ) -> tuple[torch.Tensor, NonFiniteSteps, torch.optim.Optimizer]:
-    """``steps`` of the trainer's train_step + optimizer_step; the losses (not read), counters and optimizer."""
-    accelerator, model, optimizer = prepared(scaler)
-    images, texts = batch(model)
-    nonfinite, losses = NonFiniteSteps("cpu"), []
+    texts = get_tokenizer(model)([f"a photo of colour {i % 5}" for i in range(8)]).to(accelerator.device)
+    images = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(1)).to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), 1e-6, 10.0))
+    nonfinite, losses = NonFiniteSteps(accelerator.device), []
     for step in range(1, steps + 1):
         if counter is not None:
             counter.step = step
@@ -81,7 +77,7 @@ def test_a_run_of_first_step_overflows_is_skipped_by_the_scaler_not_counted_as_d
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10_000)
     counter = HostReads()
     with counter:
-        losses, nonfinite, optimizer = run(scaler, 10, counter=counter)
+        losses, nonfinite, optimizer = run(cpu_accelerator(scaler), 10, counter=counter)
     assert counter.reads == []  # the fp16 step reads nothing from the device
     counts, losses = nonfinite.read(), losses.tolist()
     skips = round(math.log2(init_scale / scaler.get_scale()))  # each overflow halved the scale
@@ -89,7 +85,7 @@ def test_a_run_of_first_step_overflows_is_skipped_by_the_scaler_not_counted_as_d
     assert (counts.total, counts.longest_streak, counts.in_a_row) == (0, 0, 0)  # no divergence
     assert updates(optimizer) == 10 - skips
     # the overflowing steps changed nothing; the later ones train as without a scaler
-    reference, _, _ = run(None, 10 - skips)
+    reference, _, _ = run(cpu_accelerator(None), 10 - skips)
     assert losses[:skips + 1] == [losses[0]] * (skips + 1)
     torch.testing.assert_close(torch.tensor(losses[skips:]), reference, rtol=1e-4, atol=1e-4)
 
@@ -109,7 +105,7 @@ def test_non_finite_steps_of_another_cause_still_count_under_the_scaler(fp16_sta
         return loss
 
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=10_000)
-    losses, nonfinite, optimizer = run(scaler, 4, loss_fn=poisoned)
+    losses, nonfinite, optimizer = run(cpu_accelerator(scaler), 4, loss_fn=poisoned)
     counts, losses = nonfinite.read(), losses.tolist()
     assert math.isnan(losses[0]) and all(math.isfinite(loss) for loss in losses[1:])
     assert (counts.total, counts.scaler_skips, counts.last_step, counts.longest_streak) == (2, 1, 3, 1)
