@@ -14,9 +14,9 @@ model may be the prepared (DDP-wrapped) one; it is unwrapped, put in eval mode f
 the evaluation and given back in the mode it was in.
 
 ``load_model`` opens what ``mmggem eval`` takes as ``--checkpoint``: an mmggem
-model folder, ``hf-hub:org/name`` (an mmggem or an open_clip model repo), or
-``open_clip:NAME`` with a checkpoint file, pretrained tag or ``hf-hub:`` name, so
-open_clip baselines are measured by the same code as in CLIP_benchmark.
+model folder, a run folder or one of its checkpoints, ``hf-hub:org/name`` (an mmggem or
+an open_clip model repo), or ``open_clip:NAME`` with a checkpoint file, pretrained tag or
+``hf-hub:`` name, so open_clip baselines are measured by the same code as in CLIP_benchmark.
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ from .zeroshot import evaluate_zeroshot
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["EvalResult", "LoadedModel", "evaluate_dataset", "load_model", "TASKS"]
+    from ..runs import ModelSource
+
+__all__ = ["EvalResult", "LoadedModel", "evaluate_dataset", "load_model", "load_run_model", "TASKS"]
 
 TASKS = {formats.CLASSIFICATION: ZEROSHOT_CLASSIFICATION, formats.RETRIEVAL: ZEROSHOT_RETRIEVAL}
 """Dataset type (``dataset_type.txt``) -> CLIP_benchmark task name."""
@@ -114,19 +116,32 @@ def _default_device(accelerator: "Accelerator | None") -> torch.device:
 
 @dataclass
 class LoadedModel:
-    """A model ready to evaluate, and the names its results are filed under."""
+    """A model ready to evaluate, and the names its results are filed under.
+
+    ``label`` names its result files (``{pretrained}`` in the output pattern): the run and
+    checkpoint for a run's model, so two runs' ``final/`` never share a file. ``run`` and ``step``
+    are recorded in the results when the model comes from a training run.
+    """
 
     model: torch.nn.Module
     preprocess: Callable
     tokenizer: Callable[[list[str]], torch.Tensor]
     model_name: str
     pretrained: str
+    label: str
+    run: str | None = None
+    step: int | None = None
+
+    def provenance(self) -> dict[str, str | int]:
+        """The ``run`` and ``step`` keys a result of this model carries (none for a model outside a run)."""
+        return {} if self.run is None else {"run": self.run, "step": self.step}
 
 
 def load_model(checkpoint: str, pretrained: str | None = None, cache_dir: str | None = None) -> LoadedModel:
     """Open what ``mmggem eval --checkpoint`` names.
 
-    - an mmggem model folder, or ``hf-hub:org/name`` of an mmggem model repo;
+    - an mmggem model folder, a run folder (its ``final/``) or a run's ``checkpoints/step_N``
+      (see :mod:`mmggem.runs`), or ``hf-hub:org/name`` of an mmggem model repo;
     - ``hf-hub:org/name`` of any other open_clip model repo, built by open_clip's own ``hf-hub:`` loader;
     - ``open_clip:NAME`` with ``pretrained`` = a checkpoint file, a pretrained tag of NAME or an
       ``hf-hub:`` name, found as ``model.pretrained`` is (:func:`mmggem.pretrained.resolve_pretrained`).
@@ -140,12 +155,25 @@ def load_model(checkpoint: str, pretrained: str | None = None, cache_dir: str | 
         return _load_open_clip(checkpoint[len(OPEN_CLIP_PREFIX):], pretrained, cache_dir)
     if pretrained is not None:
         raise UsageError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is a whole model")
-    if is_hub_name(checkpoint) and "mmggem" not in fetch_config(checkpoint, cache_dir):
+    if not is_hub_name(checkpoint):
+        from ..runs import locate
+
+        return load_run_model(locate(checkpoint))
+    if "mmggem" not in fetch_config(checkpoint, cache_dir):
         return _open_clip_model(checkpoint, None, checkpoint, cache_dir)
     from ..model import load
 
     model, preprocess, tokenizer = load(checkpoint, cache_dir)
-    return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, str(checkpoint))
+    return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, checkpoint, Path(checkpoint).name)
+
+
+def load_run_model(source: "ModelSource") -> LoadedModel:
+    """The model ``source`` names, filed under its run and step."""
+    from ..runs import load_source
+
+    model, preprocess, tokenizer = load_source(source)
+    return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, str(source.path), source.label,
+                       source.run, source.step)
 
 
 def _load_open_clip(name: str, pretrained: str | None, cache_dir: str | None) -> LoadedModel:
@@ -180,4 +208,5 @@ def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir:
         detail = str(error)[:2000] or type(error).__name__
         raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
     model.eval()
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), name, pretrained)
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), name, pretrained,
+                       Path(pretrained).name)
