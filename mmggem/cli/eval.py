@@ -4,11 +4,16 @@
     mmggem eval retrieval --checkpoint PATH --dataset DIR [DIR ...] --output FILE.json
     mmggem eval summary RESULTS_DIR --output summary.csv
 
-PATH is an mmggem model folder, ``hf-hub:ORG/NAME`` (an mmggem or open_clip model repo), or
+PATH is an mmggem model folder, a training run folder (its ``final/`` model), one of
+its ``checkpoints/step_N``, ``hf-hub:ORG/NAME`` (an mmggem or open_clip model repo), or
 ``open_clip:NAME`` with ``--pretrained`` a checkpoint file, pretrained tag or ``hf-hub:`` name;
 Hub files and tags are read from the cache (``--cache-dir``; offline, only from there).
+``--all-checkpoints`` with a run folder evaluates every checkpoint it kept.
 ``--output`` takes CLIP_benchmark's placeholders ({dataset}, {model}, {pretrained},
 {task}, {language}); with several datasets it must contain {dataset} or be a folder.
+``{pretrained}`` is the run's folder name (``RUN_step_N`` for a checkpoint), or the base
+name of a model folder or weights file, so the results of two runs never share a file.
+A result file of another model is never written over (the same model's is replaced).
 Under ``accelerate launch`` the sets are split over the processes; only the main
 process writes and prints.
 """
@@ -16,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UsageError
 from ..evaluate.results import DEFAULT_OUTPUT_PATTERN, DEFAULT_RECALL_K, ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL
+
+if TYPE_CHECKING:
+    from ..evaluate import LoadedModel
 
 TASK_COMMANDS = {"zeroshot": ZEROSHOT_CLASSIFICATION, "retrieval": ZEROSHOT_RETRIEVAL}
 
@@ -33,8 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for command, task in TASK_COMMANDS.items():
         sub = commands.add_parser(command, help=f"{task} (CLIP_benchmark's metrics and JSON)")
         sub.add_argument("--checkpoint", required=True,
-                         help="an mmggem model folder (mmggem.save_model), hf-hub:ORG/NAME, "
-                              "or open_clip:NAME with --pretrained")
+                         help="an mmggem model folder (mmggem.save_model), a training run folder (its final model), "
+                              "a run's checkpoints/step_N, hf-hub:ORG/NAME, or open_clip:NAME with --pretrained")
+        sub.add_argument("--all-checkpoints", action="store_true",
+                         help="--checkpoint is a run folder: evaluate every checkpoint it kept")
         sub.add_argument("--pretrained", metavar="FILE_OR_TAG",
                          help="for --checkpoint open_clip:NAME: a checkpoint file, a pretrained tag of NAME "
                               "(e.g. laion2b_s34b_b79k) or hf-hub:ORG/NAME")
@@ -57,42 +68,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if task == ZEROSHOT_RETRIEVAL:
             sub.add_argument("--recall-k", type=int, nargs="+", metavar="K",
                              help=f"the k of Recall@k (default: {' '.join(map(str, DEFAULT_RECALL_K))})")
-    summary = commands.add_parser("summary", help="a CSV over a folder of result JSON files")
+    summary = commands.add_parser("summary", help="a CSV over a folder of result JSON files, and metric by step")
     summary.add_argument("results_dir", metavar="RESULTS_DIR")
     summary.add_argument("--output", default="summary.csv", help="CSV file to write (default: summary.csv)")
+    summary.add_argument("--plot", help="PNG of metric against training step (default: the CSV's name with .png)")
     summary.set_defaults(func=run_summary)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate one checkpoint on each ``--dataset``; write one result JSON per set and print one table per task."""
+    """Evaluate each model (one, or every checkpoint of a run) on each ``--dataset``; write one result JSON
+    per model and set and print one table per task."""
     from accelerate import Accelerator
 
-    from ..evaluate import evaluate_dataset, load_model
+    from ..evaluate import evaluate_dataset
     from ..evaluate.results import format_tables, write_json
 
-    loaded = load_model(args.checkpoint, args.pretrained, args.cache_dir)
     accelerator = Accelerator()
-    outputs = _output_files(args, loaded.model_name, loaded.pretrained)
-    model = loaded.model.to(accelerator.device)
-    records = []
-    for dataset, output in zip(args.dataset, outputs):
-        result = evaluate_dataset(
-            model, dataset, loaded.preprocess, loaded.tokenizer,
-            task=args.task, batch_size=args.batch_size, num_workers=args.num_workers,
-            accelerator=accelerator, amp=args.amp, recall_k=args.recall_k, progress=not args.quiet,
-        )
-        record = result.record(model=loaded.model_name, pretrained=loaded.pretrained, language=args.language)
+    models = _models(args)
+    for index, loaded in enumerate(models):
+        outputs = _output_files(args, loaded)
+        model = loaded.model.to(accelerator.device)
+        records = []
+        for dataset, output in zip(args.dataset, outputs):
+            result = evaluate_dataset(
+                model, dataset, loaded.preprocess, loaded.tokenizer,
+                task=args.task, batch_size=args.batch_size, num_workers=args.num_workers,
+                accelerator=accelerator, amp=args.amp, recall_k=args.recall_k, progress=not args.quiet,
+            )
+            record = {**result.record(model=loaded.model_name, pretrained=loaded.pretrained, language=args.language),
+                      **loaded.provenance()}
+            if accelerator.is_main_process:
+                print(f"{result.dataset}: wrote {write_json(record, output)}")
+            records.append(record)
         if accelerator.is_main_process:
-            print(f"{result.dataset}: wrote {write_json(record, output)}")
-        records.append(record)
-    if accelerator.is_main_process:
-        print(format_tables(records))
+            if args.all_checkpoints:
+                print(f"{'' if index == 0 else chr(10)}{loaded.label} (step {loaded.step}):")
+            print(format_tables(records))
     return 0
 
 
-def _output_files(args: argparse.Namespace, model_name: str, pretrained: str) -> list[Path]:
-    """One output path per dataset, checked before any work: distinct, and never one file for several sets."""
-    from ..evaluate.results import output_path
+def _models(args: argparse.Namespace) -> Iterator["LoadedModel"]:
+    """The models to evaluate, loaded one at a time: ``--checkpoint``, or every checkpoint of its run."""
+    from ..evaluate import load_model, load_run_model
+    from ..runs import run_checkpoints
+
+    if not args.all_checkpoints:
+        yield load_model(args.checkpoint, args.pretrained, args.cache_dir)
+        return
+    if args.pretrained is not None or args.checkpoint.startswith("open_clip:"):
+        raise UsageError("--all-checkpoints takes a training run folder as --checkpoint, without --pretrained")
+    for source in run_checkpoints(args.checkpoint):
+        yield load_run_model(source)
+
+
+def _output_files(args: argparse.Namespace, loaded: "LoadedModel") -> list[Path]:
+    """One output path per dataset, checked before any work: distinct, never one file for several sets, and
+    never a file that holds another model's result."""
+    from ..evaluate.results import output_path, refuse_other_model
 
     pattern = args.output
     if Path(pattern).is_dir():
@@ -101,19 +133,25 @@ def _output_files(args: argparse.Namespace, model_name: str, pretrained: str) ->
         raise UsageError(f"--output {args.output!r} names one file for {len(args.dataset)} datasets; "
                          "put {dataset} in it or give an existing folder")
     paths = [
-        output_path(pattern, {"dataset": Path(d).resolve().name, "model": model_name, "pretrained": pretrained,
-                              "task": args.task, "language": args.language})
+        output_path(pattern, {"dataset": Path(d).resolve().name, "model": loaded.model_name,
+                              "pretrained": loaded.label, "task": args.task, "language": args.language})
         for d in args.dataset
     ]
     if len(set(paths)) < len(paths):
         raise UsageError(f"--output {args.output!r} gives the same file for two datasets: {[str(p) for p in paths]}")
+    for path in paths:
+        refuse_other_model(path, loaded.model_name, loaded.pretrained, args.task)
     return paths
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    """Write a CSV with one row per result JSON in ``RESULTS_DIR``."""
+    """Write a CSV with one row per result JSON in ``RESULTS_DIR``; print and plot metric against step."""
+    from ..evaluate.curves import format_curves, plot_curves
     from ..evaluate.results import summary_rows, write_summary_csv
 
     rows = summary_rows(args.results_dir)
+    print(format_curves(rows))
     print(f"wrote {write_summary_csv(rows, args.output)} ({len(rows)} results)")
+    plot = plot_curves(rows, args.plot or Path(args.output).with_suffix(".png"))
+    print(f"wrote {plot} (metric against training step)" if plot else "no plot: no result carries a training step")
     return 0

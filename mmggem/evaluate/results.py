@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,11 +63,11 @@ class EvalResult:
 def output_path(pattern: str, record: dict[str, Any]) -> Path:
     """Fill an output pattern's ``{dataset}``, ``{model}``, ``{pretrained}``, ``{task}``, ``{language}``.
 
-    ``pretrained`` is reduced to its base name when it is a path, as CLIP_benchmark does,
-    and ``/`` in any value becomes ``_`` so a value never makes a folder.
+    The caller gives ``pretrained`` as the name to file the result under (CLIP_benchmark uses the
+    weights file's base name; ``mmggem eval`` the run and checkpoint, see ``LoadedModel.label``);
+    ``/`` in any value becomes ``_`` so a value never makes a folder.
     """
     values = {name: str(record[name]) for name in OUTPUT_FIELDS}
-    values["pretrained"] = os.path.basename(values["pretrained"].rstrip("/")) or values["pretrained"]
     try:
         return Path(pattern.format(**{name: value.replace("/", "_") for name, value in values.items()}))
     except (KeyError, IndexError, ValueError) as error:
@@ -83,6 +82,24 @@ def write_json(record: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     write_text_atomic(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def refuse_other_model(path: Path, model: str, pretrained: str, task: str) -> None:
+    """Refuse to write a result of ``model`` ``pretrained`` over ``path`` when it holds another model's or task's.
+
+    A result of the same model and task is replaced: evaluating a model again (new code, another
+    precision, a changed set) gives its current numbers. Anything else is refused with both models'
+    weights paths, so no result is ever lost without a word.
+    """
+    if not path.exists():
+        return
+    try:
+        existing = read_result(path)
+    except UserError:
+        raise UserError(f"{path} exists and is not a result file: not writing over it; choose another --output")
+    if (existing["model"], existing["pretrained"], existing["task"]) != (model, pretrained, task):
+        raise UserError(f"{path} holds the {existing['task']} result of {existing['model']} {existing['pretrained']}; "
+                        f"not writing the result of {model} {pretrained} over it: choose another --output")
 
 
 def read_result(path: str | Path) -> dict[str, Any]:
@@ -116,10 +133,10 @@ def format_tables(records: Iterable[dict[str, Any]]) -> str:
         header = ["dataset", "samples", "skipped", "precision", *(label for _, label in columns)]
         cells = [
             [str(row["dataset"]), str(row.get("num_samples", "")), str(sum(row.get("skipped", {}).values())),
-             str(row.get("precision", "")), *(_percent(row["metrics"].get(metric)) for metric, _ in columns)]
+             str(row.get("precision", "")), *(percent(row["metrics"].get(metric)) for metric, _ in columns)]
             for row in rows
         ]
-        tables.append(title + "\n" + _aligned([header, *cells], text_columns=(0, 3)))
+        tables.append(title + "\n" + aligned([header, *cells], text_columns=(0, 3)))
     return "\n\n".join(tables)
 
 
@@ -136,11 +153,11 @@ def _task_columns(task: str, records: list[dict[str, Any]]) -> tuple[str, list[t
     raise ValueError(f"no summary table for task {task!r}; tasks: {ZEROSHOT_CLASSIFICATION}, {ZEROSHOT_RETRIEVAL}")
 
 
-def _percent(value: Any) -> str:
+def percent(value: Any) -> str:
     return f"{100 * value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
-def _aligned(rows: list[list[str]], text_columns: tuple[int, ...]) -> str:
+def aligned(rows: list[list[str]], text_columns: tuple[int, ...]) -> str:
     """Rows as columns two spaces apart: text columns left-aligned, numbers right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
