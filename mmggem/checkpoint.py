@@ -30,6 +30,11 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is (or would be)."""
+    return checkpoint_dir(output_dir) / f"step_{step:08d}"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoint_dir(output_dir)
@@ -74,8 +79,8 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``step`` on every process (a collective call) and prune old ones."""
     root = checkpoint_dir(output_dir)
-    final = root / f"step_{step:08d}"
-    partial = root / f".step_{step:08d}.partial"
+    final = step_dir(output_dir, step)
+    partial = root / f".{final.name}.partial"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Sequence
 from .. import __version__
 from ..errors import UserError
 
-SUBCOMMANDS = ("data", "train", "eval", "demo", "ablate")
+SUBCOMMANDS = ("data", "train", "eval", "export", "demo", "ablate")
 """The commands, in help order; command NAME is registered by the module ``mmggem.cli.NAME``."""
 
 
