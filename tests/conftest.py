@@ -142,3 +142,17 @@ def small_eval_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     write_retrieval_set(root / "retrieval", (RetrievalSample(_png(i), [f"a photo of a {CLASSNAMES[l]}"])
                                              for i, l in zip(images, labels)))
     return root / "zeroshot", root / "retrieval"
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(train_shards: str, small_eval_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+                     ) -> Path:
+    """A 4-step one-process run keeping checkpoints at steps 2 and 4, evaluated on the small zero-shot set at both."""
+    out = tmp_path_factory.mktemp("runs") / "first"
+    result = run_cli("train", str(Path(__file__).parent.parent / "configs" / "demo.yaml"), f"output_dir={out}",
+                     f"data.train={train_shards}", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1",
+                     "train.checkpoint_every=2", "train.keep_checkpoints=5", "log.every=1", "log.progress=false",
+                     "data.workers=1", "data.shuffle_buffer=40", "train.threads=1", "eval.every=2",
+                     f"eval.datasets=[{small_eval_sets[0]}]", "eval.workers=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out

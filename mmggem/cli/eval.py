@@ -150,7 +150,9 @@ def run_summary(args: argparse.Namespace) -> int:
     from ..evaluate.results import summary_rows, write_summary_csv
 
     rows = summary_rows(args.results_dir)
-    print(format_curves(rows))
+    tables = format_curves(rows)
+    if tables:
+        print(tables + "\n")
     print(f"wrote {write_summary_csv(rows, args.output)} ({len(rows)} results)")
     plot = plot_curves(rows, args.plot or Path(args.output).with_suffix(".png"))
     print(f"wrote {plot} (metric against training step)" if plot else "no plot: no result carries a training step")

@@ -1,0 +1,87 @@
+"""`mmggem export`: an intermediate checkpoint becomes a Hub-ready folder that loads and evaluates as itself.
+
+The card is read back with huggingface_hub's own ModelCard; the push goes through huggingface_hub
+to an endpoint that refuses the connection, as a machine without network would.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_evaluate_runs import NAME, assert_close_metrics, evaluate, logged_evaluation
+
+import mmggem
+from mmggem.cli import main as cli_main
+
+
+def test_an_intermediate_checkpoint_exports_loads_and_evaluates_as_itself(
+    checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    zeroshot, _ = small_eval_sets
+    checkpoint = checkpointed_run / "checkpoints" / "step_00000002"
+    direct, exported = tmp_path / "direct", tmp_path / "exported"
+    direct.mkdir()
+    exported.mkdir()
+    assert evaluate(checkpoint, zeroshot, direct) == 0
+    out = tmp_path / "tiny-ggem"
+    assert cli_main(["export", str(checkpoint), str(out), "--results", str(direct), "--license", "mit"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
+                                                      "open_clip_model.safetensors"]
+
+    model, _, _ = mmggem.load(out)
+    saved = load_file(str(checkpoint / "model.safetensors"))  # accelerate's own file of the checkpoint
+    weights = model.state_dict()
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    final = load_file(str(checkpointed_run / "final" / "open_clip_model.safetensors"))
+    assert not torch.equal(final["visual.pooler.p"], saved["visual.pooler.p"])  # step 2 is not the final model
+
+    assert evaluate(out, zeroshot, exported) == 0
+    [direct_file] = direct.iterdir()
+    [exported_file] = exported.iterdir()
+    assert exported_file.name == f"zeroshot_tiny-ggem_{NAME}_en_zeroshot_classification.json"
+    metrics = json.loads(direct_file.read_text())["metrics"]
+    assert json.loads(exported_file.read_text())["metrics"] == metrics
+    assert_close_metrics(metrics, logged_evaluation(checkpointed_run, 2))
+
+    card = ModelCard.load(out / "README.md")
+    assert (card.data.library_name, card.data.license, card.data.pipeline_tag) == (
+        "open_clip", "mit", "zero-shot-image-classification")
+    assert {"mmggem", "pooling-ggem", NAME} <= set(card.data.tags)
+    logged = logged_evaluation(checkpointed_run, 2)
+    found = [(r.task_type, r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results]
+    expected = [("zero-shot-image-classification", "zeroshot", metric, value) for metric, value in sorted(logged.items())]
+    expected += [("zero-shot-image-classification", "zeroshot", metric, value) for metric, value in sorted(metrics.items())]
+    assert found == expected  # what the run logged at step 2, then the result file of this checkpoint
+    assert f"| {direct_file.name} |" in card.text
+    p = model.visual.pooler.p.detach().clamp(min=1.0).tolist()
+    assert re.findall(r"^\| (\d+) \| ([\d.]+) \|$", card.text, re.M) == [(str(g), f"{v:.4f}") for g, v in enumerate(p)]
+    assert "- optimizer steps: 2\n- samples seen: 16\n- batch size per process: 8\n- processes: 1" in card.text
+
+
+def test_push_without_network_fails_in_one_line_and_leaves_the_folder(checkpointed_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pushed"
+    result = run_cli("export", str(checkpointed_run), str(out), "--push-to-hub", "someone/tiny-ggem",
+                     HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_used")  # port 9: connection refused
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout == f"exported {checkpointed_run} to {out}\n"
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("mmggem export: error: could not push") and "someone/tiny-ggem" in line
+    assert line.endswith(f"the exported folder is left in place: push it later with `hf upload someone/tiny-ggem {out}`")
+    model, _, _ = mmggem.load(out)
+    final = load_file(str(checkpointed_run / "final" / "open_clip_model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
+    assert 'mmggem.load("hf-hub:someone/tiny-ggem")' in ModelCard.load(out / "README.md").text
+
+
+def test_export_refuses_a_folder_that_is_not_empty(checkpointed_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main(["export", str(checkpointed_run), str(tmp_path)]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
