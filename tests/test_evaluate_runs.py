@@ -115,6 +115,8 @@ def test_a_run_without_final_and_a_checkpoint_without_its_run_are_explained(
     assert evaluate(stray, zeroshot, tmp_path) == 1
     assert f"{stray} is a training checkpoint, but its run's {tmp_path.parent / 'config.yaml'} is missing" in \
         capsys.readouterr().err
+    assert evaluate(checkpointed_run, zeroshot, tmp_path / "one.json", "--all-checkpoints") == 2
+    assert "would give every checkpoint the same file" in capsys.readouterr().err
     assert evaluate(f"{checkpointed_run}/final", zeroshot, tmp_path, "--all-checkpoints") == 1
     assert capsys.readouterr().err.strip() == (
         f"mmggem eval: error: {checkpointed_run.resolve() / 'final'} is not a run folder: "

@@ -3,7 +3,8 @@
 The parameters really are sharded (the trainer reports DTensors and each process holds about
 half of the elements; the checkpoint holds one shard file per process); the run equals a DDP run
 of the same steps (losses, evaluation and final weights within 1e-5); stop and resume give the
-uninterrupted run; and final/ is a plain model that mmggem.load reads.
+uninterrupted run; final/ is a plain model that mmggem.load reads; and the sharded checkpoint,
+evaluated directly or exported, is that same model.
 """
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import accelerate_cli, launch_config
+from safetensors.torch import load_file
+from test_evaluate_runs import assert_close_metrics, evaluate, logged_evaluation
 from test_train import assert_same_run, losses, ok, train_args
 
 import mmggem
+from mmggem.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +36,25 @@ def evaluations(output_dir: Path) -> dict[str, float]:
     return {key: value for record in records for key, value in record.items() if key.startswith("eval/")}
 
 
+def run_args(shards: str, eval_set: Path, out: Path, *more: str) -> list[str]:
+    return train_args(shards, out, "train.steps=6", "eval.every=3", f"eval.datasets=[{eval_set}]", *more)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(train_shards: str, small_eval_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 6-step FSDP run on 2 processes (a sharded checkpoint at step 6), and how its launch ended."""
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp"
+    return out, ok(fsdp_cli(*run_args(train_shards, small_eval_sets[0], out)))
+
+
 def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, small_eval_sets: tuple[Path, Path],
+                                                         fsdp_run: tuple[Path, subprocess.CompletedProcess],
                                                          tmp_path: Path) -> None:
     zeroshot, _ = small_eval_sets
-    args = lambda out, *more: train_args(train_shards, out, "train.steps=6", "eval.every=3",  # noqa: E731
-                                         f"eval.datasets=[{zeroshot}]", *more)
+    args = lambda out, *more: run_args(train_shards, zeroshot, out, *more)  # noqa: E731
     ok(accelerate_cli(*args(tmp_path / "ddp")))
-    whole = tmp_path / "fsdp"
-    result = ok(fsdp_cli(*args(whole)))
+    whole, result = fsdp_run
     assert "precision: train.precision=no wins over the launcher's bf16" in result.stdout
     summary = re.search(r"model: ([\d,]+) parameter elements; FSDP2: (\d+) of (\d+) parameters are DTensors sharded "
                         r"over 2 processes, process 0 holds ([\d,]+) elements", result.stdout)
@@ -61,3 +78,25 @@ def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, smal
     model, _, tokenizer = mmggem.load(whole / "final")
     assert model.logit_scale.shape == () and model.visual.pooler.p.shape == (6,)
     assert model.encode_text(tokenizer(["a photo of colour 1"])).shape == (1, 128)
+
+
+def test_a_sharded_checkpoint_evaluates_and_exports_as_the_model_it_is(
+    fsdp_run: tuple[Path, subprocess.CompletedProcess], small_eval_sets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The shards of step 6, read in one process, are final/ (which the trainer gathered from the live model)."""
+    zeroshot, _ = small_eval_sets
+    run, _ = fsdp_run
+    checkpoint = run / "checkpoints" / "step_00000006"
+    out = tmp_path / "exported"
+    assert cli_main(["export", str(checkpoint), str(out)]) == 0
+    exported = load_file(str(out / "open_clip_model.safetensors"))
+    final = load_file(str(run / "final" / "open_clip_model.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+    for name, model in (("direct", checkpoint), ("export", out)):
+        (tmp_path / name).mkdir()
+        assert evaluate(model, zeroshot, tmp_path / name) == 0
+    [direct], [export] = (list((tmp_path / name).iterdir()) for name in ("direct", "export"))
+    metrics = json.loads(direct.read_text())["metrics"]
+    assert json.loads(export.read_text())["metrics"] == metrics
+    assert_close_metrics(metrics, logged_evaluation(run, 6))

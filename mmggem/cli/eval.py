@@ -83,9 +83,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_dataset
     from ..evaluate.results import format_tables, write_json
 
+    if args.all_checkpoints and not Path(args.output).is_dir() and "{pretrained}" not in args.output:
+        raise UsageError(f"--output {args.output!r} would give every checkpoint the same file; "
+                         "put {pretrained} in it or give an existing folder")
     accelerator = Accelerator()
-    models = _models(args)
-    for index, loaded in enumerate(models):
+    for index, loaded in enumerate(_models(args)):
         outputs = _output_files(args, loaded)
         model = loaded.model.to(accelerator.device)
         records = []
@@ -102,7 +104,7 @@ def run_eval(args: argparse.Namespace) -> int:
             records.append(record)
         if accelerator.is_main_process:
             if args.all_checkpoints:
-                print(f"{'' if index == 0 else chr(10)}{loaded.label} (step {loaded.step}):")
+                print(("\n" if index else "") + f"{loaded.label} (step {loaded.step}):")
             print(format_tables(records))
     return 0
 
