@@ -19,11 +19,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluate.results import ZEROSHOT_CLASSIFICATION, read_result
+from .evaluate.results import ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, read_result
 from .runs import RUN_CONFIG, ModelSource
 from .tracking import RESULTS_FILE
 
-HUB_TASKS = {ZEROSHOT_CLASSIFICATION: "zero-shot-image-classification", "zeroshot_retrieval": "zero-shot-retrieval"}
+HUB_TASKS = {ZEROSHOT_CLASSIFICATION: "zero-shot-image-classification", ZEROSHOT_RETRIEVAL: "zero-shot-retrieval"}
 """CLIP_benchmark task -> the task type recorded in the Hub's model-index."""
 
 
@@ -54,7 +54,7 @@ def run_evaluations(source: ModelSource) -> list[Evaluation]:
 
 
 def _task_of(metric: str) -> str:
-    return "zeroshot_retrieval" if "retrieval_recall@" in metric else ZEROSHOT_CLASSIFICATION
+    return ZEROSHOT_RETRIEVAL if "retrieval_recall@" in metric else ZEROSHOT_CLASSIFICATION
 
 
 def result_file_evaluations(source: ModelSource, results_dir: Path) -> list[Evaluation]:

@@ -1,7 +1,8 @@
 """`mmggem export`: an intermediate checkpoint becomes a Hub-ready folder that loads and evaluates as itself.
 
 The card is read back with huggingface_hub's own ModelCard; the push goes through huggingface_hub
-to an endpoint that refuses the connection, as a machine without network would.
+to an endpoint that refuses the connection, as a machine without network would, and the folder,
+placed in huggingface_hub's cache layout, loads as ``hf-hub:ORG/NAME``.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import json
 import re
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
-from conftest import run_cli
+from conftest import hub_cache, run_cli
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_evaluate_runs import NAME, assert_close_metrics, evaluate, logged_evaluation
@@ -64,7 +66,8 @@ def test_an_intermediate_checkpoint_exports_loads_and_evaluates_as_itself(
     assert "- optimizer steps: 2\n- samples seen: 16\n- batch size per process: 8\n- processes: 1" in card.text
 
 
-def test_push_without_network_fails_in_one_line_and_leaves_the_folder(checkpointed_run: Path, tmp_path: Path) -> None:
+def test_push_without_network_fails_in_one_line_and_leaves_the_folder(checkpointed_run: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "pushed"
     result = run_cli("export", str(checkpointed_run), str(out), "--push-to-hub", "someone/tiny-ggem",
                      HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_used")  # port 9: connection refused
@@ -77,6 +80,12 @@ def test_push_without_network_fails_in_one_line_and_leaves_the_folder(checkpoint
     final = load_file(str(checkpointed_run / "final" / "open_clip_model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
     assert 'mmggem.load("hf-hub:someone/tiny-ggem")' in ModelCard.load(out / "README.md").text
+
+    # pushed later, then downloaded: the folder in huggingface_hub's cache layout loads by its hf-hub: name
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path / "cache", "someone/tiny-ggem", out)
+    hub_model, _, _ = mmggem.load("hf-hub:someone/tiny-ggem", cache_dir=tmp_path / "cache")
+    assert all(torch.equal(hub_model.state_dict()[k], final[k]) for k in final)
 
 
 def test_export_refuses_a_folder_that_is_not_empty(checkpointed_run: Path, tmp_path: Path,
