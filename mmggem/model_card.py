@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
 
 from .evaluate.results import ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, read_result
 from .runs import RUN_CONFIG, ModelSource
@@ -68,7 +69,7 @@ def result_file_evaluations(source: ModelSource, results_dir: Path) -> list[Eval
     return found
 
 
-def model_card(model: Any, source: ModelSource, evaluations: list[Evaluation], license: str,
+def model_card(model: nn.Module, source: ModelSource, evaluations: list[Evaluation], license: str,
                repo_id: str | None = None) -> ModelCard:
     """The card of ``model`` exported from ``source`` (to be pushed to ``repo_id``, if given)."""
     from .train import pool_exponents
