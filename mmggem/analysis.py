@@ -7,7 +7,7 @@ The GGeM analyses (Ko et al., arXiv 2212.04114) are:
 
 - :func:`p_trajectory`: the exponent ``p`` of every group at every logged step,
   read from the run's ``results.jsonl`` (the trainer logs ``train/pool_p/group_<g>``,
-  the exponents as used in forward, i.e. clamped to >= 1);
+  the exponents as used in forward, which the optimizer keeps >= 1);
 - :func:`pool_compare`: GAP (the mean of the tokens) and the model's own GGeM
   pooling of the *same* patch tokens, so the poolings differ in nothing else;
 - :func:`head_dependence`: how strongly the pooled channels of different heads'

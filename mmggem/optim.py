@@ -7,6 +7,10 @@ and class embeddings and the pooling exponents ``p`` of GeM/GGeM, which train
 with a larger learning rate (the GeM reference code of Radenović et al. 2018
 uses 10x and no decay; GGeM, arXiv 2212.04114, has one ``p`` per group).
 
+The optimizer built here projects those exponents back to their lower bound
+after every step (:func:`mmggem.pooling.project_exponents`), so the bound
+never cuts their gradient.
+
 Each group carries ``lr_mult`` and its ``lr`` is set to ``lr * lr_mult`` at
 build time, so :func:`cosine_schedule`'s factor gives every group
 ``lr * lr_mult * factor``.
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .pooling import project_exponents
 
 __all__ = ["WarmupCosine", "build_optimizer", "cosine_schedule", "param_groups"]
 
@@ -76,7 +82,9 @@ def build_optimizer(
     groups = param_groups(model, weight_decay, pool_p_lr_mult)
     for group in groups:
         group["lr"] = lr * group["lr_mult"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    optimizer.register_step_post_hook(lambda *_: project_exponents(model))
+    return optimizer
 
 
 @dataclass

@@ -15,8 +15,20 @@ Annotation", TPAMI 2018). For channel c in group g:
     y[b, c] = ( 1/N * sum_n max(x[b, n, c], eps) ^ p_g ) ^ (1 / p_g)
 
 p_g = 1 is the mean of the clamped tokens, p_g -> infinity their maximum; G = 1
-is GeM and G = C is a per-channel GeM. Negative activations, which the paper
-does not discuss, are clamped to ``eps`` as GeM does.
+is GeM and G = C is a per-channel GeM.
+
+Two choices are mmggem's own, since the paper's public text (its abstract) does
+not fix them:
+
+- Negative activations are clamped to ``eps`` as GeM does (``negatives="clamp"``,
+  the default), or kept with their sign (``negatives="signed"``): the signed
+  power mean ``y = s * |m|^(1/p)`` of ``m = 1/N * sum_n sign(x) max(|x|, eps)^p``,
+  with ``s = sign(m)`` and zeros counted as positive, which is the plain mean at p = 1 and tends to the entry of
+  largest magnitude, sign included, as p grows.
+- The exponents are bounded below by 1 by projection: the optimizer step is
+  followed by ``p.clamp_(min=1)`` (:func:`project_exponents`, hooked on by
+  :func:`mmggem.optim.build_optimizer`). The forward pass itself never cuts the
+  gradient, so an exponent sitting at 1 rises as soon as its gradient asks.
 """
 from __future__ import annotations
 
@@ -29,11 +41,61 @@ from torch import nn
 from .errors import UserError
 
 POOLER_NAMES = ("cls", "avg", "max", "gem", "ggem", "attn")
+NEGATIVES = ("clamp", "signed")
+P_MIN = 1.0  # the lower bound of every learnable exponent
 
 
-def _check_p_init(p_init: float) -> None:
-    if not p_init > 0:
-        raise UserError(f"p_init must be a positive number (p is clamped to >= 1 in forward), got {p_init!r}")
+def _check_options(p_init: float, negatives: str) -> None:
+    if not p_init >= P_MIN:
+        raise UserError(f"p_init must be a number >= {P_MIN} (the exponents' lower bound), got {p_init!r}")
+    if negatives not in NEGATIVES:
+        raise UserError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+
+
+def _bounded(p: torch.Tensor) -> torch.Tensor:
+    """``max(p, P_MIN)`` in value with the gradient of ``p`` itself.
+
+    After :func:`project_exponents` p is never below the bound, so this only
+    guards exponents written by hand; unlike ``clamp`` it passes the gradient
+    at ``p == P_MIN``, where ``clamp``'s is zero.
+    """
+    return p + (p.clamp(min=P_MIN) - p).detach()
+
+
+class _Exponent(nn.Module):
+    """Shared by GeM and GGeM: the parameter ``p``, its bound, and old checkpoints.
+
+    A checkpoint from before the projection may hold exponents below 1, which
+    the forward pass of that time clamped to 1; loading clamps them the same
+    way, so the loaded model computes what the saved one did and logs its real p.
+    """
+
+    def _init_exponent(self, shape: tuple[int, ...], p_init: float, eps: float, negatives: str) -> None:
+        _check_options(p_init, negatives)
+        self.p = nn.Parameter(torch.full(shape, float(p_init)))
+        self.eps = eps
+        self.negatives = negatives
+
+    def project_(self) -> None:
+        """Put ``p`` back within its bound (in place; a DTensor shard works the same)."""
+        with torch.no_grad():
+            self.p.clamp_(min=P_MIN)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "p"
+        if key in state_dict:
+            state_dict[key] = state_dict[key].clamp(min=P_MIN)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, negatives={self.negatives}"
+
+
+def project_exponents(model: nn.Module) -> None:
+    """Project the exponent of every GeM/GGeM pooler in ``model`` back to ``p >= P_MIN``."""
+    for module in model.modules():
+        if isinstance(module, _Exponent):
+            module.project_()
 
 
 class ClassTokenPool(nn.Module):
@@ -63,74 +125,98 @@ class MaxPool(nn.Module):
         return tokens.amax(dim=1)
 
 
-class GeM(nn.Module):
+class GeM(_Exponent):
     """Generalized mean with one learnable exponent shared by all channels.
 
-    ``y = (mean_n max(x, eps)^p)^(1/p)`` (Radenovic et al., Eq. 2), computed in
-    float32 and cast back to the input dtype. Kept as the direct power-mean so
-    that it doubles as an independent reference for :class:`GGeM` with G = 1.
+    ``y = (mean_n max(x, eps)^p)^(1/p)`` (Radenovic et al., Eq. 2), or its
+    signed form (module docstring), computed in float32 and cast back to the
+    input dtype. Kept as the direct power-mean so that it doubles as an
+    independent reference for :class:`GGeM` with G = 1.
     """
 
     uses_class_token = False
 
-    def __init__(self, p_init: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(self, p_init: float = 3.0, eps: float = 1e-6, negatives: str = "clamp") -> None:
         super().__init__()
-        _check_p_init(p_init)
-        self.p = nn.Parameter(torch.tensor(float(p_init)))
-        self.eps = eps
+        self._init_exponent((), p_init, eps, negatives)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            p = self.p.float().clamp(min=1.0)
-            pooled = tokens.float().clamp(min=self.eps).pow(p).mean(dim=1).pow(1.0 / p)
+            p, x = _bounded(self.p.float()), tokens.float()
+            if self.negatives == "clamp":
+                pooled = x.clamp(min=self.eps).pow(p).mean(dim=1).pow(1.0 / p)
+            else:
+                sign = torch.where(x >= 0, 1.0, -1.0)
+                mean = (sign * x.abs().clamp(min=self.eps).pow(p)).mean(dim=1)
+                pooled = mean.sign() * mean.abs().clamp(min=self.eps**p).pow(1.0 / p)
         return pooled.to(tokens.dtype)
 
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}"
 
-
-class GGeM(nn.Module):
+class GGeM(_Exponent):
     """Group Generalized Mean pooling (Ko et al., arXiv 2212.04114).
 
     Channels are split into ``groups`` contiguous groups of ``dim // groups``
     channels; group g pools its channels with its own exponent ``p[g]``
     (see the module docstring for the equation). The exponents live in the
-    parameter ``p`` of shape ``[groups]`` and are clamped to >= 1 in forward.
+    parameter ``p`` of shape ``[groups]``, bounded below by 1 (module docstring).
 
     The mean of powers is evaluated in log space,
     ``(mean_n x^p)^(1/p) = exp((logsumexp_n(p * log x) - log N) / p)``,
     which is the same quantity but cannot overflow float32 when p is large,
-    and always in float32, whatever autocast is active, then cast back.
+    and always in float32, whatever autocast is active, then cast back. With
+    ``negatives="signed"`` the positive and negative tokens are summed apart
+    in log space and subtracted after factoring out the larger sum.
     """
 
     uses_class_token = False
 
-    def __init__(self, dim: int, groups: int, p_init: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, groups: int, p_init: float = 3.0, eps: float = 1e-6,
+                 negatives: str = "clamp") -> None:
         super().__init__()
         if groups < 1 or dim % groups != 0:
             divisors = [g for g in range(1, dim + 1) if dim % g == 0]
             raise UserError(
                 f"GGeM needs dim divisible by groups: dim={dim}, groups={groups}; valid groups: {divisors}"
             )
-        _check_p_init(p_init)
         self.dim = dim
         self.groups = groups
-        self.eps = eps
-        self.p = nn.Parameter(torch.full((groups,), float(p_init)))
+        self._init_exponent((groups,), p_init, eps, negatives)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, num_tokens, dim = tokens.shape
         if dim != self.dim:
             raise ValueError(f"GGeM built for {self.dim} channels got tokens with {dim}")
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            p = self.p.float().clamp(min=1.0).view(1, 1, self.groups, 1)
-            log_x = tokens.float().clamp(min=self.eps).log().view(batch, num_tokens, self.groups, -1)
-            log_mean = torch.logsumexp(p * log_x, dim=1) - math.log(num_tokens)
-            pooled = torch.exp(log_mean / p.view(1, self.groups, 1))
+            p = _bounded(self.p.float()).view(1, 1, self.groups, 1)
+            x = tokens.float().view(batch, num_tokens, self.groups, -1)
+            if self.negatives == "clamp":
+                log_mean = torch.logsumexp(p * x.clamp(min=self.eps).log(), dim=1) - math.log(num_tokens)
+                pooled = torch.exp(log_mean / p.view(1, self.groups, 1))
+            else:
+                pooled = self._signed(x, p, num_tokens)
         return pooled.reshape(batch, dim).to(tokens.dtype)
 
+    def _signed(self, x: torch.Tensor, p: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The signed power mean of ``x`` ``[B, N, G, C/G]`` over N, in log space.
+
+        ``sum_n sign(x)|x|^p = e^L * d`` with L the larger of the two log-sums
+        (positive and negative tokens) and ``d = e^(L+ - L) - e^(L- - L)`` in
+        [-1, 1]; then ``y = sign(d) * exp((L - log N + log|d|) / p)``. ``|d|`` is
+        floored at ``eps^p`` (relative to the larger sum) so that an exact
+        cancellation gives about 0 with a finite gradient.
+        """
+        log_abs = p * x.abs().clamp(min=self.eps).log()
+        none = torch.full_like(log_abs, -math.inf)
+        log_pos = torch.logsumexp(torch.where(x >= 0, log_abs, none), dim=1)
+        log_neg = torch.logsumexp(torch.where(x >= 0, none, log_abs), dim=1)
+        largest = torch.maximum(log_pos, log_neg)
+        diff = torch.exp(log_pos - largest) - torch.exp(log_neg - largest)
+        p = p.view(1, self.groups, 1)
+        log_mean = largest - math.log(num_tokens) + diff.abs().clamp(min=self.eps**p.detach()).log()
+        return diff.sign() * torch.exp(log_mean / p)
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, groups={self.groups}, eps={self.eps}"
+        return f"dim={self.dim}, groups={self.groups}, {super().extra_repr()}"
 
 
 class AttentionPool(nn.Module):

@@ -160,10 +160,12 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Ac
 def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
     """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor on the host, or None.
 
+    The stored values are the ones the forward pass uses: the optimizer projects them to ``>= 1``.
+
     Collective under FSDP (the exponents may be sharded): every process must call it.
     """
     p = getattr(model.visual.pooler, "p", None)
-    return None if p is None else full_tensor(p.detach()).float().clamp(min=1.0).reshape(-1).cpu()
+    return None if p is None else full_tensor(p.detach()).float().reshape(-1).cpu()
 
 
 def step_metrics(model: torch.nn.Module, loss: torch.Tensor, grad_norm: torch.Tensor,

@@ -2,6 +2,9 @@
 import pytest
 import torch
 
+from torch import nn
+
+from mmggem.optim import build_optimizer
 from mmggem.pooling import POOLER_NAMES, GGeM, GeM, build_pooler
 
 
@@ -15,6 +18,15 @@ def reference_ggem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch
         pg = p[c // width].double()
         out[:, c] = x[:, :, c].pow(pg).mean(dim=1).pow(1 / pg)
     return out
+
+
+def reference_signed(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = sign(m) |m|^(1/p_g), m = mean_n s(x) max(|x|, eps)^p_g, s(x) = +1 for x >= 0 else -1; float64."""
+    x = x.double()
+    powered = torch.where(x >= 0, 1.0, -1.0) * x.abs().clamp(min=eps).pow(
+        p.double().repeat_interleave(x.shape[-1] // p.numel()))
+    mean = powered.mean(dim=1)
+    return mean.sign() * mean.abs().pow(1 / p.double().repeat_interleave(x.shape[-1] // p.numel()))
 
 
 def with_p(pooler: GGeM, p: torch.Tensor) -> GGeM:
@@ -59,6 +71,71 @@ def test_one_group_per_channel_is_per_channel_gem() -> None:
     for c in range(4):
         gem = GeM(p_init=float(p[c]))
         torch.testing.assert_close(pooled[:, c], gem(x[:, :, c : c + 1])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 12])
+def test_signed_ggem_matches_float64_reference_with_random_p(groups: int) -> None:
+    torch.manual_seed(groups)
+    x = torch.randn(4, 9, 12) * 2
+    p = torch.empty(groups).uniform_(1, 8)
+    pooler = with_p(GGeM(12, groups, negatives="signed"), p)
+    torch.testing.assert_close(pooler(x).double(), reference_signed(x, p), rtol=1e-5, atol=1e-6)
+
+
+def test_signed_power_mean_keeps_signs_and_does_not_overflow() -> None:
+    x = torch.randn(3, 16, 4) * 20
+    pooled = with_p(GGeM(4, 2, negatives="signed"), torch.tensor([1.0, 60.0]))(x)
+    torch.testing.assert_close(pooled[:, :2], x[:, :, :2].mean(dim=1), rtol=1e-5, atol=1e-5)
+    largest = x[:, :, 2:].gather(1, x[:, :, 2:].abs().argmax(dim=1, keepdim=True))[:, 0]
+    torch.testing.assert_close(pooled[:, 2:], largest, rtol=0.1, atol=0)  # p -> inf: the entry of largest |x|
+    assert torch.isfinite(pooled).all()
+
+
+def test_signed_gem_is_signed_ggem_with_one_group() -> None:
+    x = torch.randn(5, 7, 16)
+    gem, ggem = GeM(p_init=2.5, negatives="signed"), GGeM(16, groups=1, p_init=2.5, negatives="signed")
+    torch.testing.assert_close(ggem(x), gem(x), rtol=1e-5, atol=1e-6)
+
+
+def test_signed_gradients_are_finite_even_when_signs_cancel() -> None:
+    x = torch.tensor([[[1.0, 2.0], [-1.0, 3.0]]], requires_grad=True)  # channel 0 sums to exactly 0
+    pooler = GGeM(2, 1, negatives="signed")
+    pooler(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(pooler.p.grad).all()
+
+
+class _Tower(nn.Module):
+    """Just enough of a model for the optimizer: the pooler under the name the real one has."""
+
+    def __init__(self, pooler: nn.Module) -> None:
+        super().__init__()
+        self.pooler = pooler
+
+
+@pytest.mark.parametrize("pooler", [GGeM(6, 2, p_init=1.0), GeM(p_init=1.0)], ids=["ggem", "gem"])
+def test_an_exponent_at_its_bound_rises_when_its_gradient_says_so_and_stays_bounded(pooler: nn.Module) -> None:
+    x = torch.rand(4, 10, 6) + 0.1
+    optimizer = build_optimizer(_Tower(pooler), lr=1e-3, weight_decay=0.1)
+    for _ in range(3):  # larger p, larger output: -sum pushes every p up, +sum down into the bound
+        optimizer.zero_grad()
+        (-pooler(x).sum()).backward()
+        optimizer.step()
+    assert torch.all(pooler.p > 1.02)  # lr 1e-3 x 10 (the exponents' multiplier) x 3 Adam steps
+    for _ in range(10):
+        optimizer.zero_grad()
+        pooler(x).sum().backward()
+        optimizer.step()
+    assert torch.all(pooler.p == 1.0)
+
+
+def test_checkpoints_with_exponents_below_one_load_as_the_value_their_forward_used() -> None:
+    import mmggem
+
+    model = mmggem.create_model("ViT-Ti-4-28", pooling="ggem")
+    state = model.state_dict()
+    state["visual.pooler.p"] = torch.tensor([0.4, 2.0, 0.9, 1.5, 1.0, 3.0])
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.visual.pooler.p.detach(), torch.tensor([1.0, 2.0, 1.0, 1.5, 1.0, 3.0]))
 
 
 def test_p_is_clamped_to_one_inside_forward() -> None:
@@ -117,10 +194,12 @@ def test_bad_arguments_raise_value_errors_naming_valid_choices() -> None:
         GGeM(12, 5)
     with pytest.raises(ValueError, match="cls, avg, max, gem, ggem, attn"):
         build_pooler("mean", dim=12, heads=3)
-    for bad in (0.0, -1.0):
+    for bad in (0.0, -1.0, 0.5):
         with pytest.raises(ValueError, match="p_init"):
             GGeM(12, 3, p_init=bad)
         with pytest.raises(ValueError, match="p_init"):
             build_pooler("gem", 12, 3, p_init=bad)
+    with pytest.raises(ValueError, match="negatives must be one of clamp, signed"):
+        build_pooler("ggem", 12, 3, negatives="abs")
     with pytest.raises(ValueError, match="invalid options for pooling 'avg'"):
         build_pooler("avg", 12, 3, p_init=2.0)
