@@ -135,7 +135,12 @@ def _model_cfg(name: str) -> dict[str, Any]:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build a randomly initialised model from a :class:`ModelSpec`."""
+    """Build a randomly initialised model from a :class:`ModelSpec`.
+
+    The pooler is built last and under its own fork of the CPU random stream, so that, for one seed,
+    every other weight and everything drawn after the model (augmentation, dropout) is the same
+    whatever the pooling: the runs of a pooling ablation are paired by seed.
+    """
     model_cfg = copy.deepcopy(spec.model_cfg)
     vision_cfg = model_cfg.get("vision_cfg", {})
     if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
@@ -147,7 +152,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
     model = model_class(**model_cfg)
     width = model.visual.transformer.width
     heads = width // CLIPVisionCfg(**vision_cfg).head_width
-    PooledVisionTransformer.adopt(model.visual, build_pooler(spec.pooling, width, heads, **spec.pooling_kwargs))
+    with torch.random.fork_rng(devices=[]):  # the pooler's own draws leave the global stream where it was
+        pooler = build_pooler(spec.pooling, width, heads, **spec.pooling_kwargs)
+    PooledVisionTransformer.adopt(model.visual, pooler)
     preprocess_cfg = {**asdict(PreprocessCfg()), "size": model.visual.image_size, **spec.preprocess_cfg}
     set_model_preprocess_cfg(model, preprocess_cfg)
     model.mmggem_spec = ModelSpec(spec.name, spec.model_cfg, spec.pooling, dict(spec.pooling_kwargs), preprocess_cfg,
