@@ -10,6 +10,8 @@ main process writes the summary once every run has finished.
 The summary reports, per pooling, the mean and standard deviation over seeds of
 the final evaluation metrics: zero-shot ``acc1`` and retrieval Recall@1 in both
 directions, for every evaluation set of the config, as Markdown, CSV and a PNG.
+With a baseline pooling it also reports each pooling's difference to the
+baseline paired by seed, with a 95% interval (:mod:`mmggem.paired`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
+from .paired import PairedDifference, format_difference, paired_difference, plain_note
 
 SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -101,19 +105,28 @@ def summary_columns(metrics: list[dict[str, float]]) -> list[str]:
 class Summary:
     columns: list[str]
     rows: dict[str, dict[str, tuple[float, float, int]]]  # pooling -> column -> (mean, std, n)
+    baseline: str | None = None
+    differences: dict[str, dict[str, PairedDifference | None]] | None = None  # pooling -> column -> vs baseline
 
 
-def summarise(runs: list[AblationRun]) -> Summary:
+def summarise(runs: list[AblationRun], baseline: str | None = None) -> Summary:
     per_run = {run: final_metrics(run) for run in runs}
     columns = summary_columns(list(per_run.values()))
     rows: dict[str, dict[str, tuple[float, float, int]]] = {}
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}  # pooling -> column -> seed -> value
     for pooling in dict.fromkeys(run.pooling for run in runs):
-        rows[pooling] = {}
+        rows[pooling], by_seed[pooling] = {}, {}
         for column in columns:
-            values = [m[column] for r, m in per_run.items() if r.pooling == pooling and column in m]
+            by_seed[pooling][column] = {r.seed: m[column] for r, m in per_run.items()
+                                        if r.pooling == pooling and column in m}
+            values = list(by_seed[pooling][column].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             rows[pooling][column] = (statistics.fmean(values), spread, len(values))
-    return Summary(columns, rows)
+    differences = None
+    if baseline is not None:
+        differences = {pooling: {c: paired_difference(by_seed[pooling][c], by_seed[baseline][c]) for c in columns}
+                       for pooling in rows if pooling != baseline}
+    return Summary(columns, rows, baseline, differences)
 
 
 def _label(column: str) -> str:
@@ -126,17 +139,30 @@ def write_markdown(summary: Summary, path: Path) -> None:
     for pooling, cells in summary.rows.items():
         values = [f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" for m, s, n in (cells[c] for c in summary.columns)]
         lines.append(f"| {pooling} | " + " | ".join(values) + " |")
-    path.write_text("\n".join(lines) + "\n\nValues in %, mean ± sample standard deviation over seeds.\n")
+    lines += ["", "Values in %, mean ± sample standard deviation over seeds."]
+    if summary.differences is not None:
+        lines += ["", f"Difference to {summary.baseline}, paired by seed, in percentage points: "
+                  "mean [95% t interval] (seeds).", "", header, lines[1]]
+        for pooling, cells in summary.differences.items():
+            lines.append(f"| {pooling} | " + " | ".join(format_difference(cells[c]) for c in summary.columns) + " |")
+        notes = [plain_note(p, summary.baseline, _label(c), cells[c])
+                 for p, cells in summary.differences.items() for c in summary.columns]
+        lines += [""] + [f"- {note}" for note in notes if note]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_csv(summary: Summary, path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["pooling", "metric", "mean", "std", "seeds"])
+        writer.writerow(["pooling", "metric", "mean", "std", "seeds",
+                         "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds"])
         for pooling, cells in summary.rows.items():
             for column in summary.columns:
                 mean, std, n = cells[column]
-                writer.writerow([pooling, _label(column), f"{mean:.6f}", f"{std:.6f}", n])
+                diff = (summary.differences or {}).get(pooling, {}).get(column)
+                paired = ([summary.baseline, f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds]
+                          if diff is not None else ["", "", "", "", ""])
+                writer.writerow([pooling, _label(column), f"{mean:.6f}", f"{std:.6f}", n, *paired])
 
 
 def write_plot(summary: Summary, path: Path) -> None:
@@ -145,7 +171,9 @@ def write_plot(summary: Summary, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary.columns), figsize=(4 * len(summary.columns), 3.5), squeeze=False)
+    rows = 1 if summary.differences is None else 2
+    fig, axes = plt.subplots(rows, len(summary.columns), figsize=(4 * len(summary.columns), 3.5 * rows),
+                             squeeze=False)
     poolings = list(summary.rows)
     for ax, column in zip(axes[0], summary.columns):
         means = [100 * summary.rows[p][column][0] for p in poolings]
@@ -153,14 +181,33 @@ def write_plot(summary: Summary, path: Path) -> None:
         ax.bar(poolings, means, yerr=stds, capsize=4, color=["C3" if p == "ggem" else "C0" for p in poolings])
         ax.set_title(_label(column), fontsize=9)
         ax.set_ylabel("%")
+    if summary.differences is not None:
+        for ax, column in zip(axes[1], summary.columns):
+            _plot_differences(ax, summary, column)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_summary(runs: list[AblationRun], out: Path) -> Summary:
-    """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png; return the summary."""
-    summary = summarise(runs)
+def _plot_differences(ax: Any, summary: Summary, column: str) -> None:
+    """Paired differences to the baseline with their 95% intervals (no whisker for one seed)."""
+    cells = {p: by_column[column] for p, by_column in summary.differences.items() if by_column[column] is not None}
+    names = list(cells)
+    means = [100 * d.mean for d in cells.values()]
+    errors = [[100 * (d.mean - d.low) if d.seeds > 1 else 0 for d in cells.values()],
+              [100 * (d.high - d.mean) if d.seeds > 1 else 0 for d in cells.values()]]
+    ax.errorbar(names, means, yerr=errors, fmt="o", capsize=4)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_title(f"{_label(column)} - {summary.baseline}", fontsize=9)
+    ax.set_ylabel("points, 95% interval")
+
+
+def write_summary(runs: list[AblationRun], out: Path, baseline: str | None = None) -> Summary:
+    """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png; return the summary.
+
+    With ``baseline`` (one of the runs' poolings), each also reports the paired differences to it.
+    """
+    summary = summarise(runs, baseline)
     write_markdown(summary, out / "ablation.md")
     write_csv(summary, out / "ablation.csv")
     write_plot(summary, out / "ablation.png")

@@ -15,7 +15,7 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
     zeroshot, retrieval = small_eval_sets
     out = tmp_path / "ablation"
     result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,ggem", "--seeds", "2",
-                     "--output-dir", str(out), "--parallel", "2",
+                     "--output-dir", str(out), "--parallel", "2", "--baseline", "avg",
                      f"data.train={train_shards}", f"eval.datasets=[{zeroshot}, {retrieval}]",
                      "train.steps=3", "train.batch_size=16", "train.warmup_steps=1", "data.workers=0",
                      "train.threads=1", "eval.batch_size=500", timeout=900)
@@ -29,15 +29,66 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
         values = [json.loads(p.read_text().splitlines()[-1])[f"eval/{row['metric']}"] for p in runs]
         assert abs(float(row["mean"]) - statistics.fmean(values)) < 1e-6
         assert abs(float(row["std"]) - statistics.stdev(values)) < 1e-6 and row["seeds"] == "2"
+        if row["pooling"] == "ggem":
+            base = [out / "avg" / f"seed_{s}" / "results.jsonl" for s in (0, 1)]
+            base_values = [json.loads(p.read_text().splitlines()[-1])[f"eval/{row['metric']}"] for p in base]
+            diffs = [v - b for v, b in zip(values, base_values)]
+            assert row["baseline"] == "avg" and row["paired_seeds"] == "2"
+            assert abs(float(row["diff_mean"]) - statistics.fmean(diffs)) < 1e-6
+        else:
+            assert row["diff_mean"] == ""
     assert "| ggem |" in (out / "ablation.md").read_text()
+    assert "Difference to avg, paired by seed" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "seed: 1\n" in (out / "ggem" / "seed_1" / "config.yaml").read_text()
+
+
+T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5% quantile, by degrees of freedom (any statistics table)
+
+
+def finished_run(out: Path, pooling: str, seed: int, recall: float) -> None:
+    """A run folder as `mmggem train` leaves it, as far as the summary reads it."""
+    run = out / pooling / f"seed_{seed}"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "open_clip_config.json").write_text("{}")
+    lines = [{"train/loss": 1.0}, {"eval/flickr/text_retrieval_recall@1": recall}]
+    (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_paired_differences_intervals_and_notes_from_finished_runs(tmp_path: Path) -> None:
+    from mmggem.ablation import plan_runs, write_summary
+
+    base = {0: 0.10, 1: 0.30, 2: 0.20}  # large seed noise, shared by the pooling it is paired with
+    values = {"avg": base, "ggem": {s: v + d for (s, v), d in zip(base.items(), (0.020, 0.021, 0.022))},
+              "max": {s: v + d for (s, v), d in zip(base.items(), (-0.01, 0.02, 0.0))}, "gem": {0: 0.13}}
+    for pooling, by_seed in values.items():
+        for seed, recall in by_seed.items():
+            finished_run(tmp_path, pooling, seed, recall)
+    runs = [r for r in plan_runs(tmp_path, list(values), 3) if r.finished]
+    write_summary(runs, tmp_path, baseline="avg")
+
+    rows = {r["pooling"]: r for r in csv.DictReader(open(tmp_path / "ablation.csv"))}
+    ggem, max_, gem = rows["ggem"], rows["max"], rows["gem"]
+    half = T_975[2] * statistics.stdev([0.020, 0.021, 0.022]) / 3**0.5
+    assert abs(float(ggem["diff_mean"]) - 0.021) < 1e-9 and ggem["paired_seeds"] == "3"
+    assert abs(float(ggem["diff_low"]) - (0.021 - half)) < 1e-5 and abs(float(ggem["diff_high"]) - (0.021 + half)) < 1e-5
+    assert float(max_["diff_low"]) < 0 < float(max_["diff_high"])
+    assert gem["paired_seeds"] == "1" and gem["diff_low"] == "nan" and rows["avg"]["diff_mean"] == ""
+    markdown = (tmp_path / "ablation.md").read_text()
+    assert "+2.10 [+1.85, +2.35] (n=3)" in markdown
+    assert "max vs avg, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
+    assert "ggem vs avg" not in markdown  # no note for a difference the interval resolves
+    assert "gem vs avg, flickr/text_retrieval_recall@1: one paired seed" in markdown
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ablation_refuses_unknown_poolings(tmp_path: Path) -> None:
     result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,median",
                      "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "median" in result.stderr
+    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,ggem", "--baseline", "gem",
+                     "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--baseline gem is not among --poolings avg,ggem" in result.stderr
 
 
 def test_same_seed_runs_share_all_but_the_pooler_and_draw_the_same_data(train_shards: str) -> None:

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per pooling (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"), help="default: %(default)s")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time in this process (default: 1)")
+    parser.add_argument("--baseline", metavar="POOLING",
+                        help="one of --poolings: also report every pooling's difference to it, paired by seed, "
+                             "with a 95%% t interval over the seeds")
     parser.set_defaults(func=run)
 
 
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or args.seeds < 1 or args.parallel < 1:
         raise UsageError(f"poolings must be among {', '.join(POOLER_NAMES)} (got {unknown}), "
                          "--seeds and --parallel >= 1")
+    if args.baseline is not None and args.baseline not in poolings:
+        raise UsageError(f"--baseline {args.baseline} is not among --poolings {','.join(poolings)}")
     load_config(args.config, args.overrides)
     state = PartialState()
     runs = plan_runs(args.output_dir, poolings, args.seeds)
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print("mmggem ablate: unfinished runs (see their train.log): "
               + ", ".join(str(run.output_dir) for run in missing), file=sys.stderr)
         return 1
-    write_summary(runs, args.output_dir)
+    write_summary(runs, args.output_dir, args.baseline)
     print((args.output_dir / "ablation.md").read_text())
     print(f"wrote {args.output_dir / 'ablation.md'}, {args.output_dir / 'ablation.csv'}, "
           f"{args.output_dir / 'ablation.png'}")
