@@ -150,6 +150,32 @@ def test_retrieval_command_round_trip_with_several_captions_per_image(tmp_path: 
     assert [captions for _, captions in clip_benchmark_load(tmp_path / "set")] == [["zero", "nought"], ["one"], ["two"]]
 
 
+def test_a_split_column_selects_rows_and_several_captions_go_in_rounds(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"{i}.png").write_bytes(image_bytes(noise(i)))
+    rows = ["image,caption,split", "0.png,zero a,train", "1.png,one a,train", "0.png,zero b,train",
+            "2.png,two a,test", "2.png,two b,test", "3.png,three,val", "1.png,one b,train", "0.png,zero c,train"]
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    common = ["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "c.csv"), "--file-column", "image",
+              "--split-column", "split"]
+    assert run_cli(["data", "captions", *common, "--split", "train", "--out", str(tmp_path / "train")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote training shards: 5 samples in 1 shard(s)" in printed
+    assert "skipped 2 (other_split): 2.png, 3.png" in printed and "skipped 1 (no_caption_row): 4.png" in printed
+    loader = TrainLoader(str(tmp_path / "train" / "00000.tar"), transform=plain_transform, tokenizer=byte_tokenizer,
+                         batch_size=1, num_workers=0, seed=0, resampled=False, shuffle_buffer=0, rank=0, world_size=1)
+    # one sample per pair, in rounds: each image's first caption, then each one's second, ...
+    assert [decode_tokens(t)[0] for _, t in loader] == ["zero a", "one a", "zero b", "one b", "zero c"]
+
+    assert run_cli(["data", "retrieval", *common, "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    assert [captions for _, captions in clip_benchmark_load(tmp_path / "test")] == [["two a", "two b"]]
+    assert run_cli(["data", "retrieval", *common, "--split", "tset", "--out", str(tmp_path / "x")]) == 1
+    assert "c.csv: no row has split == 'tset'; its values: test, train, val" in capsys.readouterr().err
+    assert run_cli(["data", "retrieval", *common[:-2], "--split", "test", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_a_missing_input_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "c.csv").write_text("file,caption\n")
     assert run_cli(["data", "captions", "--images", str(tmp_path / "nope"), "--captions", str(tmp_path / "c.csv"),

@@ -155,15 +155,17 @@ def test_images_keep_their_bytes_or_become_png_and_bad_inputs_are_reported(tmp_p
                                           "no_caption_row": 1}
     assert {s.item for s in report.skipped} == {"broken.png", "gone.png", "photo.jpeg (line 7)", "unlisted.png"}
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2}
+    # in rounds: every image with its first caption, then the photo with its second
     assert tar_members(tmp_path / "out" / "00000.tar") == [
-        "000000000.jpg", "000000000.json", "000000000.txt", "000000001.jpg", "000000001.json", "000000001.txt"]
+        "000000000.jpg", "000000000.json", "000000000.txt", "000000001.json", "000000001.png", "000000001.txt"]
     with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
         assert tar.extractfile("000000000.jpg").read() == jpeg
-        assert tar.extractfile("000000001.txt").read() == b"the photo again"
+        assert tar.extractfile("000000000.txt").read() == b"a photo"
+        assert (pixels(tar.extractfile("000000001.png").read()) == (9, 8, 7)).all()  # the BMP, re-encoded
     with tarfile.open(tmp_path / "out" / "00001.tar") as tar:
-        assert "000000002.png" in tar.getnames()  # the BMP, re-encoded
-        assert (pixels(tar.extractfile("000000002.png").read()) == (9, 8, 7)).all()
-        assert "000000003.png" in tar.getnames()  # misnamed.jpg is a PNG and stored as one
+        assert "000000002.png" in tar.getnames()  # misnamed.jpg is a PNG and stored as one
+        assert tar.extractfile("000000003.jpg").read() == jpeg
+        assert tar.extractfile("000000003.txt").read() == b"the photo again"
 
 
 def test_output_is_atomic_and_never_overwritten_by_accident(tmp_path: Path) -> None:

@@ -71,6 +71,10 @@ def _captions(parser: argparse.ArgumentParser) -> None:
                         help="column holding the image file name (default: file)")
     parser.add_argument("--caption-column", default="caption", metavar="NAME",
                         help="column holding the caption (default: caption)")
+    parser.add_argument("--split-column", metavar="NAME",
+                        help="column naming each row's split (e.g. split); use with --split")
+    parser.add_argument("--split", metavar="VALUE", help="use only the rows whose --split-column is VALUE "
+                                                         "(e.g. train); images of other splits are skipped")
 
 
 def _common(parser: argparse.ArgumentParser, default_per_shard: str = str(formats.DEFAULT_SAMPLES_PER_SHARD)) -> None:
@@ -104,7 +108,8 @@ def _from_captions(args: argparse.Namespace) -> int:
 
     return _run(lambda: build_from_captions(
         args.images, args.captions, args.out, layout=args.layout, overwrite=args.overwrite, **_per_shard(args),
-        file_column=args.file_column, caption_column=args.caption_column))
+        file_column=args.file_column, caption_column=args.caption_column, split_column=args.split_column,
+        split=args.split))
 
 
 def _classes(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ missing_file           an image file named by a caption row that does not exist 
 unreadable_file        an image file that cannot be read                            writers
 empty_file_name        a caption row without a file name                            writers
 no_caption_row         an image in the folder that no caption row names             writers
+other_split            an image that only rows of other splits name (``--split``)   writers
 not_in_class_folder    a file beside, not inside, the class folders                 writers
 =====================  ==========================================================  ===================
 """
@@ -34,7 +35,7 @@ __all__ = ["SKIP_REASONS", "skip_reason"]
 SKIP_REASONS: tuple[str, ...] = (
     "unreadable_shard", "truncated_tar", "duplicate_member", "no_image", "no_caption", "no_label",
     "caption_not_utf8", "empty_caption", "corrupt_image", "image_too_large", "missing_file", "unreadable_file",
-    "empty_file_name", "no_caption_row", "not_in_class_folder",
+    "empty_file_name", "no_caption_row", "not_in_class_folder", "other_split",
 )
 
 
