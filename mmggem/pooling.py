@@ -23,8 +23,8 @@ not fix them:
 - Negative activations are clamped to ``eps`` as GeM does (``negatives="clamp"``,
   the default), or kept with their sign (``negatives="signed"``): the signed
   power mean ``y = s * |m|^(1/p)`` of ``m = 1/N * sum_n sign(x) max(|x|, eps)^p``,
-  with ``s = sign(m)`` and zeros counted as positive, which is the plain mean at p = 1 and tends to the entry of
-  largest magnitude, sign included, as p grows.
+  with ``s = sign(m)`` and zeros counted as positive, which is the plain mean at
+  p = 1 and tends to the entry of largest magnitude, sign included, as p grows.
 - The exponents are bounded below by 1 by projection: the optimizer step is
   followed by ``p.clamp_(min=1)`` (:func:`project_exponents`, hooked on by
   :func:`mmggem.optim.build_optimizer`). The forward pass itself never cuts the
@@ -46,8 +46,8 @@ P_MIN = 1.0  # the lower bound of every learnable exponent
 
 
 def _check_options(p_init: float, negatives: str) -> None:
-    if not p_init >= P_MIN:
-        raise UserError(f"p_init must be a number >= {P_MIN} (the exponents' lower bound), got {p_init!r}")
+    if not p_init > 0:
+        raise UserError(f"p_init must be a positive number (p starts at max(p_init, {P_MIN})), got {p_init!r}")
     if negatives not in NEGATIVES:
         raise UserError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
 
@@ -71,8 +71,10 @@ class _Exponent(nn.Module):
     """
 
     def _init_exponent(self, shape: tuple[int, ...], p_init: float, eps: float, negatives: str) -> None:
+        """``p`` starts at ``max(p_init, P_MIN)``: a ``p_init`` below the bound, which configs and saved
+        models from before the projection may hold, starts where their forward pass put it."""
         _check_options(p_init, negatives)
-        self.p = nn.Parameter(torch.full(shape, float(p_init)))
+        self.p = nn.Parameter(torch.full(shape, max(float(p_init), P_MIN)))
         self.eps = eps
         self.negatives = negatives
 
