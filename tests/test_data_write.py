@@ -16,9 +16,9 @@ from PIL import Image
 
 from data_fixtures import image_bytes, noise, solid, write_tar
 from mmggem.data import demo, formats
+from mmggem.data.captions import build_from_captions, read_caption_rows
 from mmggem.data.write import (
-    ClassSample, EncodedImage, RetrievalSample, build_from_captions, build_classification_set, read_caption_rows,
-    write_classification_set, write_retrieval_set,
+    ClassSample, EncodedImage, RetrievalSample, build_classification_set, write_classification_set, write_retrieval_set,
 )
 from mmggem.evaluate.dataset import open_eval_set
 

@@ -1,6 +1,6 @@
 """`mmggem data`: write the demo dataset, training shards and CLIP_benchmark evaluation sets.
 
-Thin: parses arguments, calls mmggem.data.write / mmggem.data.demo, prints the reports.
+Thin: parses arguments, calls mmggem.data.captions / .write / .demo, prints the reports.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _from_captions(args: argparse.Namespace) -> int:
     """`data captions` (training shards) and `data retrieval` (a retrieval set): one builder, two layouts."""
-    from ..data.write import build_from_captions
+    from ..data.captions import build_from_captions
 
     return _run(lambda: build_from_captions(
         args.images, args.captions, args.out, layout=args.layout, overwrite=args.overwrite, **_per_shard(args),

@@ -1,9 +1,11 @@
 """Build training shards and CLIP_benchmark evaluation sets from folders and caption files.
 
-Two builders for the ``mmggem data`` commands, each writing one output directory:
+The writers of both layouts, the input checks they share, and the builders of the ``mmggem data``
+commands, each writing one output directory:
 
-- ``build_from_captions``: images + a CSV/TSV/JSONL file of (file name, caption) rows -> training shards
-  (``layout="training"``), or a CLIP_benchmark retrieval set (``layout="retrieval"``, several rows per image allowed).
+- ``mmggem.data.captions.build_from_captions``: images + a CSV/TSV/JSONL file of (file name, caption)
+  rows -> training shards (``layout="training"``), or a CLIP_benchmark retrieval set
+  (``layout="retrieval"``, several rows per image allowed);
 - ``build_classification_set``: one sub-folder per class -> a CLIP_benchmark classification set.
 
 Every builder writes into a hidden temporary directory beside OUT and renames it to OUT only when
@@ -22,7 +24,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
 from PIL import Image
@@ -32,8 +34,6 @@ from ..fileio import atomic_directory
 from ..errors import MissingPathError, UsageError, UserError
 from . import formats
 from .classnames import class_folders, imagenet_classnames, openai_imagenet_templates, read_classnames
-from .captions import read_caption_rows
-from .captions import CaptionRow  # noqa: F401  (re-exported beside read_caption_rows)
 from .skips import skip_reason
 
 _NATIVE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: camera JPEG + extra frames
@@ -263,84 +263,12 @@ def progress_bar(items: Iterable, desc: str, total: int, enabled: bool = True) -
     return tqdm(items, desc=desc, total=total, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def _group_captions(rows: list[CaptionRow], images: Path, skipped: list[Skipped],
-                    split: str | None = None) -> dict[str, list[str]]:
-    """File name -> its non-empty captions, in order of first appearance; skips empty captions and
-    names left without one, and lists images under ``images`` that no row names. With ``split`` only
-    rows of that split count, and an image that only other splits' rows name is skipped as ``other_split``."""
-    grouped: dict[str, list[str]] = {}
-    elsewhere: set[str] = set()
-    for row in rows:
-        if split is not None and row.split != split:
-            elsewhere.add(row.file)
-            continue
-        if not row.file.strip():
-            skipped.append(Skipped(f"line {row.line}", "empty_file_name"))
-            continue
-        grouped.setdefault(row.file, [])
-        if not row.caption.strip():
-            skipped.append(Skipped(f"{row.file} (line {row.line})", "empty_caption"))
-        else:
-            grouped[row.file].append(row.caption.strip())
-    listed = {str((images / name).resolve()) for name in grouped}
-    elsewhere = {str((images / name).resolve()) for name in elsewhere} - listed
-    for path in _image_files(images):
-        if (resolved := str(path.resolve())) not in listed:
-            skipped.append(Skipped(str(path.relative_to(images)),
-                                   "other_split" if resolved in elsewhere else "no_caption_row"))
-    skipped.extend(Skipped(name, "no_caption") for name, captions in grouped.items() if not captions)
-    return {name: captions for name, captions in grouped.items() if captions}
-
-
 def _encoded(images: Path, name: str, skipped: list[Skipped]) -> EncodedImage | None:
     try:
         return encode_image_file(images / name)
     except ImageError as error:
         skipped.append(Skipped(name, str(error)))
         return None
-
-
-def _caption_groups(images: Path, captions: str | os.PathLike, columns: dict[str, str | None], split: str | None,
-                    report: WriteReport) -> dict[str, list[str]]:
-    """File name -> captions of the caption file (read and checked now, before anything is written);
-    what cannot be used goes to ``report.skipped``. ``columns``: the file, caption and split columns."""
-    rows = read_caption_rows(captions, columns["file"], columns["caption"], columns["split"])
-    if split is not None and not any(row.split == split for row in rows):
-        values = sorted({row.split for row in rows if row.split is not None})
-        raise UserError(f"{captions}: no row has {columns['split']} == {split!r}; its values: {', '.join(values)}")
-    return _group_captions(rows, images, report.skipped, split)
-
-
-def _captioned_images(images: Path, grouped: dict[str, list[str]], report: WriteReport,
-                      progress: bool) -> Iterator[tuple[str, EncodedImage, list[str]]]:
-    """(file name, encoded image, its captions) per readable image; the rest go to ``report.skipped``."""
-    for name in progress_bar(list(grouped), report.kind, len(grouped), progress):
-        image = _encoded(images, name, report.skipped)
-        if image is not None:
-            yield name, image, grouped[name]
-
-
-def _caption_rounds(images: Path, grouped: dict[str, list[str]], report: WriteReport,
-                    progress: bool) -> Iterator[TrainingSample]:
-    """One training sample per (image, caption) pair, in rounds: every image with its first caption,
-    then every image with its second, and so on.
-
-    Each pair is a sample, so an epoch sees every caption once and the loader needs no rule for
-    choosing one caption of several (open_clip's loader and img2dataset's layout expect one ``txt``).
-    In rounds, the copies of an image lie a whole round apart in the shards: a shuffle buffer then
-    rarely puts two of them in one batch, where each would be the other's false negative. An image
-    that cannot be read is skipped (and reported) once.
-    """
-    readable = list(grouped)
-    for round_index in range(max(map(len, grouped.values()), default=0)):
-        names = [name for name in readable if len(grouped[name]) > round_index]
-        desc = f"{report.kind}, caption {round_index + 1}"
-        readable = []
-        for name in progress_bar(names, desc, len(names), progress):
-            image = _encoded(images, name, report.skipped if round_index == 0 else [])
-            if image is not None:
-                readable.append(name)
-                yield TrainingSample(image, grouped[name][round_index], {"file": name})
 
 
 def _write_atomically(report: WriteReport, overwrite: bool, write: Callable[[Path], dict[str, int]]) -> WriteReport:
@@ -360,49 +288,6 @@ def _write_atomically(report: WriteReport, overwrite: bool, write: Callable[[Pat
 
 
 # --- builders (one per CLI command) ------------------------------------------------------------
-
-
-CaptionLayout = Literal["training", "retrieval"]
-"""What :func:`build_from_captions` writes: training shards, or a CLIP_benchmark retrieval set."""
-
-
-def build_from_captions(
-    images: str | os.PathLike,
-    captions: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    layout: CaptionLayout,
-    samples_per_shard: int = formats.DEFAULT_SAMPLES_PER_SHARD,
-    overwrite: bool = False,
-    file_column: str = "file",
-    caption_column: str = "caption",
-    split_column: str | None = None,
-    split: str | None = None,
-    progress: bool = True,
-) -> WriteReport:
-    """Training shards or a retrieval set from a folder of images and a caption file (``mmggem data captions``
-    and ``mmggem data retrieval``); both read and check the inputs the same way and differ in what they write.
-
-    - ``layout="training"``: one sample per caption row, written in rounds (:func:`_caption_rounds`),
-      in training shards with ``sizes.json``;
-    - ``layout="retrieval"``: a CLIP_benchmark retrieval set, one sample per image holding all its captions
-      (the rows that share its file name).
-
-    With ``split_column`` and ``split`` only the rows whose ``split_column`` is ``split`` are used
-    (e.g. Flickr8k's ``split`` column: ``train`` for shards, ``test`` for the retrieval set).
-    """
-    if (split_column is None) != (split is None):
-        raise UsageError("--split-column and --split go together: the column, and the value of the rows to use")
-    images = _require_dir(images)
-    report = WriteReport(Path(out), "training shards" if layout == "training" else "retrieval set")
-    columns = {"file": file_column, "caption": caption_column, "split": split_column}
-    grouped = _caption_groups(images, captions, columns, split, report)
-    if layout == "training":
-        training = _caption_rounds(images, grouped, report, progress)
-        return _write_atomically(report, overwrite, lambda tmp: write_training_shards(tmp, training, samples_per_shard))
-    retrieval = (RetrievalSample(image, texts) for _, image, texts in _captioned_images(images, grouped, report,
-                                                                                          progress))
-    return _write_atomically(report, overwrite, lambda tmp: write_retrieval_set(tmp, retrieval, samples_per_shard))
 
 
 def build_classification_set(
