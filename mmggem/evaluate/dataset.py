@@ -5,7 +5,8 @@ The layout (see :mod:`mmggem.data.formats`) is the one
 grouped from tar members by webdataset's own rules and grouping, which the
 training loader shares (:mod:`mmggem.data.tars`), and the image is the first
 of ``webp``, ``png``, ``jpg``, ``jpeg`` present, decoded as webdataset's
-``"pil"`` image handler does (open, load, convert to RGB).
+``"pil"`` image handler does (open, load, convert to RGB: :func:`mmggem.data.images.decode_image`
+with ``exact=True``).
 
 Why not a webdataset pipeline: a set is scanned once, reading only tar headers
 and the small ``cls`` / ``txt`` members, into a list of samples with the byte
@@ -23,7 +24,6 @@ shard and key.
 """
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from collections import Counter
@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import formats
+from ..data.images import decode_image
 from ..data.skips import skip_reason
 from ..data.tars import group_samples
 from ..errors import MissingPathError, UserError
@@ -232,14 +233,6 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return handle.read()
 
 
-def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes as webdataset's ``"pil"`` handler does: open, load, convert to RGB."""
-    with io.BytesIO(data) as stream:
-        image = PIL.Image.open(stream)
-        image.load()
-        return image.convert("RGB")
-
-
 class ImageDataset(Dataset):
     """Map-style dataset over a set's samples: ``(index, image tensor or None, failure or None)``.
 
@@ -260,7 +253,7 @@ class ImageDataset(Dataset):
             f.seek(sample.image_offset)
             data = f.read(sample.image_size)
         try:
-            image = decode_image(data)
+            image = decode_image(data, exact=True)  # CLIP_benchmark's pixels (see mmggem.data.images)
         except Exception as error:  # any decoder failure (PIL raises OSError, ValueError, SyntaxError, ...)
             return index, None, f"{type(error).__name__}: {error}"
         return index, self.preprocess(image), None
