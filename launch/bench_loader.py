@@ -7,20 +7,20 @@ batches and the main process converts and normalises them (on the device; here t
 timed loop), where open_clip's workers hand over normalised float32 batches. Each side runs in its
 own process, one after the other, and reports samples/s over ``--batches`` batches after ``--warmup``
 batches (the warm-up covers worker start and the shuffle buffer filling). open_clip_train needs
-webdataset 0.2.86 and pandas, so its side runs under ``--peer-python`` (a separate virtual
-environment; see shared docs/peers.md). This same file is the peer's entry point (``--side
-open_clip``); that side imports nothing from mmggem.
+webdataset 0.2.86 and pandas, so its side runs under ``--peer-python``, the python of its own
+virtual environment (the README's Benchmarks section says how to make it). This same file is the
+peer's entry point (``--side open_clip``); that side imports nothing from mmggem or benchlib.
 
-    python launch/bench_loader.py --peer-python /work/peers-venv/bin/python
-    python launch/bench_loader.py --peer-python ... --shards 'demo/train/{00000..00006}.tar' --image-size 28
+    python launch/bench_loader.py --peer-python PEER_VENV/bin/python
+    python launch/bench_loader.py --peer-python PEER_VENV/bin/python \
+        --shards 'demo-data/train/{00000..00006}.tar' --image-size 28
 
 Without ``--shards`` it first writes synthetic shards (smooth 256x256 JPEG photos, ~10 KB each,
-captions of 8-20 words) into a temporary directory with mmggem's shard writer.
+captions of 8-20 words) into a temporary directory with mmggem's shard writer (``benchlib``).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import subprocess
@@ -29,14 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-SHUFFLE_BUFFER = 5000  # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE)
-WORDS = ("a photo of the red blue green small large old new dog cat car tree house street beach "
-         "mountain city person bike boat sky river at night in the morning with on under near").split()
+SHUFFLE_BUFFER = 5000  # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE); benchlib's, unimported here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peer-python", default=sys.executable, help="python of the open_clip_train environment")
+    parser.add_argument("--peer-python",
+                        help="python of the open_clip_train environment (see the README's Benchmarks section)")
     parser.add_argument("--shards", help="shard spec to read (default: synthetic shards made first)")
     parser.add_argument("--num-samples", type=int, help="samples in --shards when there is no sizes.json")
     parser.add_argument("--image-size", type=int, default=224, help="transform output size (default: 224)")
@@ -49,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-shards", type=int, default=8)
     parser.add_argument("--synthetic-per-shard", type=int, default=1000)
     parser.add_argument("--side", choices=["both", "mmggem", "open_clip"], default="both", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.side == "both" and args.peer_python is None:
+        parser.error("--peer-python is required: the python of open_clip_train's own environment")
+    return args
 
 
 def timed(batches, warmup: int, count: int, finish=None) -> dict:
@@ -96,29 +98,6 @@ def run_open_clip(args: argparse.Namespace) -> dict:
     return timed(data.dataloader, args.warmup, args.batches)
 
 
-def make_synthetic_shards(directory: Path, shards: int, per_shard: int) -> str:
-    """Smooth random 256x256 JPEG photos with word-salad captions, written with mmggem's shard writer."""
-    import numpy as np
-    from PIL import Image
-
-    from mmggem.data.write import EncodedImage, TrainingSample, write_training_shards
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for _ in range(shards * per_shard):
-            coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-            photo = np.asarray(coarse.resize((256, 256), Image.BICUBIC), dtype=np.int16)
-            photo = np.clip(photo + rng.integers(-12, 13, photo.shape), 0, 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(photo).save(buffer, format="JPEG", quality=90)
-            caption = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 21))))
-            yield TrainingSample(EncodedImage("jpg", buffer.getvalue()), caption)
-
-    write_training_shards(directory, samples(), per_shard)
-    return str(directory / f"{{00000..{shards - 1:05d}}}.tar")
-
-
 def side_command(args: argparse.Namespace, side: str) -> list[str]:
     python = args.peer_python if side == "open_clip" else sys.executable
     command = [python, __file__, "--side", side, "--shards", args.shards, "--image-size", str(args.image_size),
@@ -136,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.shards is None:
             count = f"{args.synthetic_shards} x {args.synthetic_per_shard}"
             print(f"writing {count} synthetic samples to {tmp}", flush=True)
-            args.shards = make_synthetic_shards(Path(tmp), args.synthetic_shards, args.synthetic_per_shard)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from benchlib import write_synthetic_shards
+
+            args.shards = write_synthetic_shards(Path(tmp), args.synthetic_shards * args.synthetic_per_shard,
+                                                 args.synthetic_per_shard, size=256)
         results: dict[str, list[dict]] = {"mmggem": [], "open_clip": []}
         for repeat in range(args.repeats):
             for side in results:
