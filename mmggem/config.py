@@ -25,14 +25,10 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from open_clip.transform import AugmentationCfg
 
-from .errors import UsageError
+from .errors import ConfigError
 from .pooling import POOLER_NAMES
-
-
-class ConfigError(UsageError):
-    """A configuration key, type or value that cannot be used (the CLI prints it as one line, exit 2)."""
+from .transforms import validate_augment
 
 
 @dataclass
@@ -292,7 +288,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.eval.every and not cfg.eval.datasets:
         raise ConfigError("eval.every is set but eval.datasets is empty")
     _validate_model_locks(cfg.model)
-    _validate_augment(cfg.data.augment)
+    validate_augment(cfg.data.augment)
 
 
 def _validate_model_locks(model: ModelConfig) -> None:
@@ -309,45 +305,6 @@ def _validate_model_locks(model: ModelConfig) -> None:
                           "set model.lock_image or model.lock_text too")
     if not 0 <= model.patch_dropout < 1:
         raise ConfigError(f"model.patch_dropout: must be in [0, 1), got {model.patch_dropout}")
-
-
-# open_clip's augmentation keys (AugmentationCfg), plus the interpolation its timm path reads from the
-# preprocessing config. Without use_timm, open_clip's own transform reads only these:
-_AUGMENT_KEYS = (*(f.name for f in dataclasses.fields(AugmentationCfg)), "interpolation")
-_AUGMENT_OPEN_CLIP_KEYS = ("scale", "color_jitter", "color_jitter_prob", "gray_scale_prob", "use_timm")
-
-
-def _validate_augment(augment: dict[str, Any]) -> None:
-    """``data.augment`` holds keys open_clip's training transform reads, and nothing it would ignore.
-
-    Random erasing (``re_prob``) runs on the normalised tensor, after the step mmggem moves to the
-    device (:mod:`mmggem.data.device`), so it is refused rather than dropped.
-    """
-    unknown = sorted(set(augment) - set(_AUGMENT_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key data.augment.{unknown[0]}; allowed: {', '.join(_AUGMENT_KEYS)}")
-    if not augment.get("use_timm"):
-        ignored = sorted(set(augment) - set(_AUGMENT_OPEN_CLIP_KEYS))
-        if ignored:
-            raise ConfigError(f"data.augment.{ignored[0]}: only timm's transform reads it; "
-                              "set data.augment.use_timm=true")
-        jitter = augment.get("color_jitter")
-        if augment.get("color_jitter_prob") and not (isinstance(jitter, list) and len(jitter) == 4):
-            raise ConfigError("data.augment.color_jitter_prob needs data.augment.color_jitter as four numbers "
-                              "(brightness, contrast, saturation, hue)")
-        if augment.get("color_jitter") is not None and not augment.get("color_jitter_prob"):
-            raise ConfigError("data.augment.color_jitter: open_clip's transform applies it with probability "
-                              "data.augment.color_jitter_prob; set that too (or use_timm=true)")
-    else:
-        dropped = sorted({"color_jitter_prob", "gray_scale_prob"} & set(augment))
-        if dropped:
-            raise ConfigError(f"data.augment.{dropped[0]}: open_clip's timm path (use_timm=true) drops it")
-    if augment.get("re_prob"):
-        raise ConfigError("data.augment.re_prob: random erasing runs after normalisation, which mmggem does on "
-                          "the device; not supported")
-    if augment.get("interpolation") not in (None, "bicubic", "bilinear", "random"):
-        raise ConfigError(f"data.augment.interpolation: one of bicubic, bilinear, random, "
-                          f"got {augment['interpolation']!r}")
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:

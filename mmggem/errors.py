@@ -25,6 +25,10 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """A configuration key, type or value that cannot be used (the CLI prints it as one line, exit 2)."""
+
+
 class MissingPathError(UserError, FileNotFoundError):
     """A file or folder the user named (or that a named folder must hold) does not exist."""
 

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,31 +61,6 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums the gradients of all copies.
-
-    Process ``r``'s rows appear in every process's output, so their gradient
-    is the sum over processes of the gradient each one computed for that slice:
-    a reduce-scatter, which moves half the bytes of an all-reduce of the whole
-    gathered gradient (gloo and NCCL both have it).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        _, world = _rank_and_world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        _, world = _rank_and_world()
-        grad = grad.contiguous()
-        local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(local, grad)
-        return local
-
-
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``x`` of every process along dim 0, in rank order.
 
@@ -93,11 +69,16 @@ def gather_rows(x: Tensor) -> Tensor:
     distributed loss equal to the one-process loss; open_clip's cheaper
     ``gather_with_grad=False`` is not offered, since it gives other gradients.
     A single process (no process group) returns ``x`` unchanged.
+
+    torch's functional all-gather is differentiable with exactly that backward: a
+    reduce-scatter summing the copies' gradients (half the bytes of an all-reduce of
+    the whole gathered gradient; gloo and NCCL both have it). ``wait()`` makes the
+    result a plain tensor before the loss reads it.
     """
     _, world = _rank_and_world()
     if world == 1:
         return x
-    return _AllGatherRows.apply(x)
+    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD).wait()
 
 
 class ClipLoss(nn.Module):

@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import open_clip
 import torch
 from open_clip.model import CLIPVisionCfg, set_model_preprocess_cfg
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,6 +41,7 @@ from .hub import CONFIG_FILE, download_model_folder, is_hub_name
 from .open_clip_view import open_clip_model_cfg
 from .pooling import build_pooler
 from .pretrained import resolve_pretrained
+from .transforms import image_transform
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -269,24 +269,6 @@ def get_tokenizer(model: nn.Module) -> Tokenizer:
         if text_cfg.get("hf_tokenizer_name"):  # open_clip reads a local-dir model's tokenizer from the folder
             AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
         return open_clip.get_tokenizer(f"local-dir:{folder}")
-
-
-def image_transform(model: nn.Module, is_train: bool,
-                    augment: dict[str, Any] | None = None) -> Callable[[Any], torch.Tensor]:
-    """open_clip's image transform for this model: augmenting for training, else resize and crop.
-
-    ``augment`` holds open_clip's ``aug_cfg`` keys (``scale``, ``color_jitter``, ``gray_scale_prob``,
-    ``use_timm``, ``ratio``...; see ``open_clip.transform.AugmentationCfg``) and optionally the
-    ``interpolation`` of timm's random resized crop; it only changes the training transform.
-    """
-    aug_cfg = dict(augment or {})
-    preprocess_cfg = {**model.mmggem_spec.preprocess_cfg}
-    if is_train and "interpolation" in aug_cfg:
-        preprocess_cfg["interpolation"] = aug_cfg.pop("interpolation")
-    with warnings.catch_warnings():  # open_clip warns of keys it does use (color jitter, grayscale) as unused;
-        # mmggem.config refuses the keys it would really ignore
-        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-        return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=is_train, aug_cfg=aug_cfg or None)
 
 
 def _spec_json(model: nn.Module) -> dict[str, Any]:

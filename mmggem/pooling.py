@@ -36,6 +36,7 @@ import math
 from typing import Any, Callable
 
 import torch
+from timm.layers import AttentionPoolLatent
 from torch import nn
 
 from .errors import UserError
@@ -221,29 +222,42 @@ class GGeM(_Exponent):
         return f"dim={self.dim}, groups={self.groups}, {super().extra_repr()}"
 
 
-class AttentionPool(nn.Module):
-    """Attentional pooling with one learned query (SigLIP's MAP head).
+class AttentionPool(AttentionPoolLatent):
+    """Attentional pooling with one learned query (SigLIP's MAP head), as timm builds it.
 
-    A learned probe attends over the patch tokens (multi-head attention), and
+    A learned latent query attends over the patch tokens (multi-head attention), and
     the result passes through a residual LayerNorm + MLP block, as in
-    Zhai et al., "Sigmoid Loss for Language Image Pre-Training" (2023).
+    Zhai et al., "Sigmoid Loss for Language Image Pre-Training" (2023). timm's
+    ``AttentionPoolLatent`` computes exactly this with a LayerNorm as its ``norm_layer``.
+
+    Models saved before mmggem used timm here hold torch ``nn.MultiheadAttention`` keys
+    (``probe``, ``attn.in_proj_*``, ``attn.out_proj.*``, ``mlp.0/2.*``); they load into
+    this module unchanged in meaning (:func:`_from_multihead_attention_keys`).
     """
 
     uses_class_token = False
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.probe = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        super().__init__(dim, num_heads=heads, mlp_ratio=mlp_ratio, norm_layer=nn.LayerNorm)
+        self.register_load_state_dict_pre_hook(_from_multihead_attention_keys)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        query = self.probe.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        pooled, _ = self.attn(query, tokens, tokens, need_weights=False)
-        pooled = pooled + self.mlp(self.norm(pooled))
-        return pooled[:, 0]
+
+_RENAMED = {"probe": "latent", "attn.out_proj.weight": "proj.weight", "attn.out_proj.bias": "proj.bias",
+            "mlp.0.weight": "mlp.fc1.weight", "mlp.0.bias": "mlp.fc1.bias",
+            "mlp.2.weight": "mlp.fc2.weight", "mlp.2.bias": "mlp.fc2.bias"}
+
+
+def _from_multihead_attention_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str,
+                                   *args: Any) -> None:
+    """Rewrite an older AttentionPool's keys in place: nn.MultiheadAttention's packed q/k/v split into q and kv."""
+    for old, new in _RENAMED.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    for kind in ("weight", "bias"):
+        packed = state_dict.pop(f"{prefix}attn.in_proj_{kind}", None)
+        if packed is not None:
+            dim = packed.shape[0] // 3
+            state_dict[f"{prefix}q.{kind}"], state_dict[f"{prefix}kv.{kind}"] = packed[:dim], packed[dim:]
 
 
 def _build_ggem(dim: int, heads: int, groups: int | None = None, **kwargs: Any) -> GGeM:

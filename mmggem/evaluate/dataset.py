@@ -292,6 +292,7 @@ class Processes:
     """
 
     def __init__(self, accelerator: "Accelerator | None" = None):
+        self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
 
@@ -299,9 +300,13 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def part(self, n: int) -> range:
-        """The contiguous block of ``range(n)`` this process handles (blocks differ in size by at most one)."""
-        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+    def part(self, n: int) -> list[int]:
+        """The contiguous block of ``range(n)`` this process handles: accelerate's ``split_between_processes``
+        (blocks in process order, differing in size by at most one)."""
+        if self.accelerator is None:
+            return list(range(n))
+        with self.accelerator.split_between_processes(list(range(n))) as mine:
+            return mine
 
     def gather(self, items: list[Any]) -> list[Any]:
         """Every process's ``items`` concatenated in process order, on every process."""
