@@ -64,6 +64,8 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    # accelerate's own AcceleratorState.__init__ ends with this line (private state, so pyproject.toml bounds
+    # accelerate to the tested versions; tests/test_fsdp_switch.py checks the switch on the installed one)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 

@@ -121,9 +121,9 @@ def test_cuda_peak_says_where_it_comes_from(launch, monkeypatch, name, expected)
 
 def test_windows_of_an_mmggem_run_cover_its_steps(launch, demo_run):
     """The one log parser on a real results.jsonl (the demo fixture: 25 steps, a record every 5)."""
-    log = demo_run / "results.jsonl"
+    log = demo_run / "run" / "results.jsonl"
     records = [r for r in map(json.loads, log.read_text().splitlines()) if "perf/samples_per_s" in r]
-    batch = yaml.safe_load((demo_run / "config.yaml").read_text())["train"]["batch_size"]
+    batch = yaml.safe_load((demo_run / "run" / "config.yaml").read_text())["train"]["batch_size"]
     windows = launch.benchlib.read_windows(log, batch)
     assert [(w.first, w.last) for w in windows] == [(s - 4, s) for s in range(5, 26, 5)] == \
         [(r["step"] - 4, r["step"]) for r in records]
