@@ -2,7 +2,7 @@
 
 Two models are built from the run config of ``bench_train.py`` (pooling avg and ggem, the same seed),
 and mmggem's own training step (``mmggem.train.train_step`` for forward and backward, then
-``mmggem.train.optimizer_step`` for clipping and the AdamW step) runs on one fixed random batch,
+``mmggem.nonfinite.optimizer_step`` for clipping and the AdamW step) runs on one fixed random batch,
 the two models in alternation (ABBA order, so both see the same momentary load of the machine).
 The figure is the median of the paired step-time ratios with a bootstrap 95% interval.
 
@@ -33,9 +33,9 @@ def step_runners(args: argparse.Namespace, work: Path) -> dict[str, Callable[[],
     from mmggem.config import load_config
     from mmggem.loss import build_loss
     from mmggem.model import get_tokenizer
-    from mmggem.nonfinite import NonFiniteSteps
+    from mmggem.nonfinite import NonFiniteSteps, optimizer_step
     from mmggem.optim import build_optimizer
-    from mmggem.train import build_model, optimizer_step, train_step
+    from mmggem.train import build_model, train_step
 
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=MMGGEM_PRECISION[args.precision])
@@ -53,8 +53,8 @@ def step_runners(args: argparse.Namespace, work: Path) -> dict[str, Callable[[],
 
         def step(model=model, optimizer=optimizer, batch=batch, loss_fn=build_loss(cfg.train.loss),
                  nonfinite=NonFiniteSteps(accelerator.device), grad_clip=cfg.train.grad_clip) -> None:
-            train_step(model, loss_fn, accelerator, *batch, accum_steps=1)
-            optimizer_step(accelerator, model, optimizer, nonfinite, grad_clip, step=1)
+            loss = train_step(model, loss_fn, accelerator, *batch, accum_steps=1)
+            optimizer_step(accelerator, model, optimizer, nonfinite, grad_clip, step=1, loss=loss)
 
         runners[pooling] = step
     return runners
