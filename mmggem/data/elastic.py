@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .schedule import EpochOverride, Schedule, Setup, ShardSequence, shards_digest
+from .schedule import EpochOverride, Schedule, Setup, ShardSequence
 from .state import LoaderState, check_version
 from ..errors import UserError
 
@@ -37,7 +37,7 @@ def resume_approximately(saved: list[dict[str, Any]], setup: Setup,
         check_version(state)
     old = saved[0]["layout"]
     urls = setup.urls
-    changed_shards = old["shards_digest"] != shards_digest(urls)
+    changed_shards = old["shards_digest"] != setup.digest
     if changed_shards and not accept_changed_shards:
         same_ends = (old["shards"], old["first_shard"], old["last_shard"]) == (len(urls), urls[0], urls[-1])
         raise UserError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,13 @@ class Setup:
         """The JSON form saved with a state; two setups with equal layouts resume each other exactly."""
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "workers": self.workers,
                 "batch_size": self.batch_size, "resampled": self.resampled, "shuffle_buffer": self.shuffle_buffer,
-                "shards": len(self.urls), "shards_digest": shards_digest(self.urls), "first_shard": self.urls[0],
+                "shards": len(self.urls), "shards_digest": self.digest, "first_shard": self.urls[0],
                 "last_shard": self.urls[-1], "batches_per_epoch": self.batches_per_epoch}
+
+    @cached_property
+    def digest(self) -> str:
+        """:func:`shards_digest` of the shards, computed once."""
+        return shards_digest(self.urls)
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any], urls: tuple[str, ...], weights: tuple[float, ...]) -> Setup:
