@@ -1,12 +1,17 @@
-"""Training checkpoints: atomic on disk, the last K kept, resumable exactly.
+"""Training checkpoints: atomic on disk, the last K kept, verified and restored exactly at resume.
 
 A checkpoint is ``OUTPUT_DIR/checkpoints/step_<8 digits>/`` holding accelerate's
-state (model, optimizer, scheduler, grad scaler, every process's RNG state), one
-``data_state_rank<r>.json`` per process (the loader's position) and
-``trainer_state.json`` (step, counters, world size). It is written under a
-``.partial`` name and renamed into place only once every process has finished
-and ``trainer_state.json`` is on disk, so a kill at any moment, ``kill -9``
+state (model, optimizer, grad scaler, every process's RNG state), the scheduler's
+state (``scheduler.json``), one ``data_state_rank<r>.json`` per process (the
+loader's position), ``trainer_state.json`` (step, counters, world size) and, last,
+``manifest.json`` (every file's size and SHA-256, :mod:`mmggem.manifest`). It is
+written under a ``.partial`` name and renamed into place only once every process
+has finished and the manifest is on disk, so a kill at any moment, ``kill -9``
 included, leaves the previous checkpoint intact and the partial one ignored.
+
+At resume the main process checks the checkpoint against its manifest; ``latest``
+passes over a damaged one to the newest that verifies, with a warning naming it.
+Then every file is read without running code from it (:mod:`mmggem.restore`).
 """
 from __future__ import annotations
 
@@ -18,8 +23,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from .errors import UserError
+from .manifest import CheckpointDamaged, verify_manifest, write_manifest
+from .restore import (SCHEDULER_FILE, accelerate_view, check_readable, one_line, read_json, restore_rng,
+                      restore_scheduler)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -44,22 +53,58 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: ``latest`` (or None if the run has none), a path, or None for ``''``."""
+def _unverified(path: Path) -> str:
+    return f"{path} has no manifest.json (written before mmggem verified checkpoints): its files are not checked"
+
+
+def _choose(output_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``resume`` names, verified, and the warnings to print about the choice."""
     if not resume:
         if list_checkpoints(output_dir):
             raise UserError(
                 f"{checkpoint_dir(output_dir)} already holds checkpoints: set train.resume=latest to continue "
                 "that run, or choose another output_dir"
             )
-        return None
-    if resume == "latest":
-        existing = list_checkpoints(output_dir)
-        return existing[-1] if existing else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"train.resume={resume!r}: not a complete checkpoint ({path / STATE_FILE} is missing)")
-    return path
+        return None, []
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"train.resume={resume!r}: not a complete checkpoint ({path / STATE_FILE} is missing)")
+        return path, [] if verify_manifest(path) else [_unverified(path)]
+    existing, damaged = list_checkpoints(output_dir), []
+    for candidate in reversed(existing):
+        try:
+            verified = verify_manifest(candidate)
+        except CheckpointDamaged as damage:
+            damaged.append(damage)
+            continue
+        skipped = [f"skipping a damaged checkpoint ({damage}); resuming from {candidate.name}" for damage in damaged]
+        return candidate, skipped + ([] if verified else [_unverified(candidate)])
+    if existing:
+        raise CheckpointDamaged(f"train.resume=latest: no checkpoint in {checkpoint_dir(output_dir)} verifies; "
+                                f"the newest: {damaged[0]}")
+    return None, []
+
+
+def resolve_resume(accelerator: Accelerator, output_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from (collective): ``latest`` (None if the run has none), a path, or None for ``''``.
+
+    The main process verifies it against its manifest (hashing each file once, not once per process),
+    prints a warning for each checkpoint passed over and shares the choice, or the error, with all.
+    """
+    shared: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            path, warnings = _choose(output_dir, resume)
+            for warning in warnings:
+                print(f"WARNING: {warning}", flush=True)
+            shared = [("ok", str(path) if path else None)]
+        except UserError as error:
+            shared = [("error", str(error))]
+    kind, value = broadcast_object_list(shared)[0]
+    if kind == "error":
+        raise UserError(value)
+    return Path(value) if value else None
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -75,6 +120,7 @@ def save_checkpoint(
     step: int,
     trainer_state: dict[str, Any],
     data_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write the checkpoint of ``step`` on every process (a collective call) and prune old ones."""
@@ -89,7 +135,9 @@ def save_checkpoint(
     _write_json(partial / f"data_state_rank{accelerator.process_index}.json", data_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _write_json(partial / SCHEDULER_FILE, scheduler_state)
         _write_json(partial / STATE_FILE, {**trainer_state, "step": step, "world_size": accelerator.num_processes})
+        write_manifest(partial)  # last: it lists every process's files, all written by now
         if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
             shutil.rmtree(final)
         partial.rename(final)
@@ -99,18 +147,31 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore accelerate's state from ``path``; return the trainer state (with the saving ``world_size``).
+def load_checkpoint(accelerator: Accelerator, path: Path, scheduler: Any) -> dict[str, Any]:
+    """Restore accelerate's state and ``scheduler`` from ``path``; return the trainer state (with the
+    saving ``world_size``).
 
     The model, optimizer and scheduler restore exactly whatever the number of processes now; so
     does each process's RNG state where the checkpoint has one for its rank. Whether the data
-    position carries over exactly is the loader's decision (:func:`read_data_states`).
+    position carries over exactly is the loader's decision (:func:`read_data_states`). A file
+    that cannot be read is a :class:`CheckpointDamaged` naming it.
     """
-    trainer_state = json.loads((path / STATE_FILE).read_text())
-    accelerator.load_state(str(path))
+    trainer_state = read_json(path / STATE_FILE)
+    missing = sorted({"step", "world_size"} - trainer_state.keys())
+    if missing:
+        raise CheckpointDamaged(f"{path / STATE_FILE}: lacks {', '.join(missing)}")
+    check_readable(path)
+    restore_scheduler(scheduler, path)
+    try:
+        with accelerate_view(path) as folder:
+            accelerator.load_state(str(folder))
+    except Exception as error:  # what the checks above cannot see: weights of another model, a bad shard
+        raise CheckpointDamaged(f"{path}: accelerate could not restore it ({one_line(error)})") from None
+    if accelerator.process_index < trainer_state["world_size"]:  # a process the saving run did not have keeps its seed
+        restore_rng(path, accelerator.process_index)
     return trainer_state
 
 
 def read_data_states(path: Path, ranks: Iterable[int]) -> list[dict[str, Any]]:
     """The loader positions the processes ``ranks`` of the saving run wrote into checkpoint ``path``."""
-    return [json.loads((path / f"data_state_rank{rank}.json").read_text()) for rank in ranks]
+    return [read_json(path / f"data_state_rank{rank}.json") for rank in ranks]

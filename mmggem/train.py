@@ -232,7 +232,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     configure_matmul_precision(accelerator.device, cfg.train.tf32)
-    resume_from = resolve_resume(output_dir, cfg.train.resume)
+    resume_from = resolve_resume(accelerator, output_dir, cfg.train.resume)
     cfg = replace(cfg, train=replace(cfg.train, precision=accelerator.mixed_precision))  # the one in effect
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -252,13 +252,12 @@ def train(cfg: RunConfig) -> TrainOutcome:
     train_transform, normalization = split_transform(image_transform(model, is_train=True,
                                                                      augment=cfg.data.augment))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     accelerator.print(sharding_summary(accelerator, model))
     loss_fn = build_loss(cfg.train.loss, **({"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}))
 
     state, saved = TrainState(), None
     if resume_from is not None:
-        saved = load_checkpoint(accelerator, resume_from)
+        saved = load_checkpoint(accelerator, resume_from, scheduler)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
@@ -398,4 +397,4 @@ class _Run:
 
     def _save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.state.step, vars(self.state),
-                               self.loader.state_dict(), self.cfg.train.keep_checkpoints)
+                               self.loader.state_dict(), self.scheduler.state_dict(), self.cfg.train.keep_checkpoints)
