@@ -5,8 +5,9 @@ written its own files and before the folder is renamed into place. At resume the
 folder must hold exactly the files it lists, with those sizes and hashes; a file
 cut short, overwritten, missing, added or copied from another checkpoint is named
 in one line. A full hash rather than a sample of each file: it also catches damage
-in the middle of a large file, and SHA-256 reads about 1.7 GB/s on one core (a
-ViT-B/16-size checkpoint, 1.8 GB, hashes in about 1.1 s; README, "Checkpoints").
+in the middle of a large file, and costs a few seconds for a ViT-B/16-size
+checkpoint (1.8 GB; measured in the README, "Checkpoints you can trust"). The
+files are hashed on threads, since hashlib releases the GIL while it hashes.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
-    """SHA-256 of each named file; threads, since hashlib releases the GIL while it hashes."""
+    """SHA-256 of each named file, several at a time."""
     with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
         return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
 
