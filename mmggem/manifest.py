@@ -28,8 +28,11 @@ class CheckpointDamaged(UserError):
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as error:
+        raise CheckpointDamaged(f"{path}: cannot be read ({type(error).__name__}: {error.strerror})") from None
 
 
 def _files(folder: Path) -> list[str]:
