@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def step(run: Path, number: int) -> Path:
     return run / "checkpoints" / f"step_{number:08d}"
 
 
-def resume(shards: str, run: Path, *overrides: str):
+def resume(shards: str, run: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Resume ``run`` through the CLI and stop after one more step (enough to show where it resumed)."""
     return run_cli(*train_args(shards, run, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
                                "train.stop_at_step=3", "train.resume=latest", *overrides))
@@ -62,7 +63,7 @@ class CodePayload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         return (open, (str(self.marker), "w"))
 
 
