@@ -24,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import UserError
 from .paired import PairedDifference, format_difference, paired_difference, plain_note
@@ -44,6 +44,13 @@ class AblationRun:
     def finished(self) -> bool:
         return (self.output_dir / "final" / "open_clip_config.json").is_file()
 
+    def identity(self, tags: list[str]) -> list[str]:
+        """Overrides that tell the run apart on a dashboard: named ``<pooling>-s<seed>``, grouped under the
+        ablation (its output folder's name), tagged with ``tags`` and its pooling."""
+        ablation = self.output_dir.parent.parent.resolve().name
+        return [f"log.run_name={self.pooling}-s{self.seed}", f"log.group={ablation}",
+                f"log.tags={json.dumps([*tags, self.pooling])}"]
+
 
 def plan_runs(out: Path, poolings: list[str], seeds: int) -> list[AblationRun]:
     return [AblationRun(p, s, out / p / f"seed_{s}") for p in poolings for s in range(seeds)]
@@ -57,25 +64,30 @@ def _run_environment(device_index: int | None) -> dict[str, str]:
     return env
 
 
-def train_run(config: Path, run: AblationRun, overrides: list[str], device_index: int | None) -> int:
-    """Train one run in a child process (resuming it if it was cut short); returns its exit code."""
+def train_run(config: Path, run: AblationRun, overrides: list[str], device_index: int | None,
+              tags: Sequence[str] = ()) -> int:
+    """Train one run in a child process (resuming it if it was cut short); returns its exit code.
+
+    The run's name, group and tags (:meth:`AblationRun.identity`, ``tags`` first) come after ``overrides``.
+    """
     if run.finished:
         return 0
     run.output_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mmggem", "train", str(config), f"model.pooling={run.pooling}",
                f"seed={run.seed}", f"output_dir={run.output_dir}", "train.resume=latest", "log.progress=false",
-               *overrides]
+               *overrides, *run.identity(list(tags))]
     with open(run.output_dir / "train.log", "a") as log_file:
         return subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=_run_environment(device_index),
                               check=False).returncode
 
 
 def run_all(config: Path, runs: list[AblationRun], overrides: list[str], parallel: int,
-            rank: int = 0, world_size: int = 1, device_index: int | None = None) -> list[AblationRun]:
+            rank: int = 0, world_size: int = 1, device_index: int | None = None,
+            tags: Sequence[str] = ()) -> list[AblationRun]:
     """Train this process's share of ``runs``, ``parallel`` at a time; return the runs that failed."""
     mine = runs[rank::world_size]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        codes = list(pool.map(lambda run: train_run(config, run, overrides, device_index), mine))
+        codes = list(pool.map(lambda run: train_run(config, run, overrides, device_index, tags), mine))
     for run, code in zip(mine, codes):
         print(f"{run.pooling} seed {run.seed}: {'done' if code == 0 else f'failed (exit {code})'} "
               f"-> {run.output_dir}", flush=True)

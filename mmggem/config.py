@@ -99,7 +99,12 @@ class EvalConfig:
 class LogConfig:
     every: int = 10
     wandb: Literal["off", "offline", "online"] = "off"
+    tensorboard: bool = False
     project: str = "mmggem"
+    entity: str = ""
+    group: str = ""
+    tags: list = field(default_factory=list)
+    notes: str = ""
     run_name: str = ""
     progress: bool = True
 
@@ -287,6 +292,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {cfg.train.min_lr_ratio}")
     if cfg.eval.every and not cfg.eval.datasets:
         raise ConfigError("eval.every is set but eval.datasets is empty")
+    if not all(isinstance(tag, str) and tag for tag in cfg.log.tags):
+        raise ConfigError(f"log.tags: expected a list of non-empty words, got {cfg.log.tags!r}")
     _validate_model_locks(cfg.model)
     validate_augment(cfg.data.augment)
 

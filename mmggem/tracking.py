@@ -1,9 +1,13 @@
-"""Where metrics go: ``OUTPUT_DIR/results.jsonl`` always, wandb when asked.
+"""Where metrics go: ``OUTPUT_DIR/results.jsonl`` always, wandb and TensorBoard when asked.
 
-wandb runs through accelerate's tracker; ``log.wandb=offline`` needs no network
-and no key. A wandb failure, at start or later, is reported once and turns wandb
-off for the rest of the run: it never stops training. Only the main process
-writes.
+Both trackers run through accelerate (``log.wandb``, ``log.tensorboard``) and get the
+same keys as ``results.jsonl``. ``log.wandb=offline`` needs no network and no key;
+TensorBoard writes ``OUTPUT_DIR/tensorboard``. A resumed run continues the same wandb
+run (its id is kept in ``OUTPUT_DIR/wandb_run_id``) and the same TensorBoard folder,
+whose events past the checkpoint are purged as ``results.jsonl``'s records are.
+
+A tracker failure, at start or later, is reported once and turns that tracker off for
+the rest of the run: it never stops training. Only the main process writes.
 """
 from __future__ import annotations
 
@@ -12,36 +16,77 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, TensorBoardTracker
 
+from .errors import UserError
 from .fileio import write_text_atomic
 
 RESULTS_FILE = "results.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger(__name__)
 
 
-def init_wandb(accelerator: Accelerator, mode: str, project: str, run_name: str, output_dir: Path,
-               config: dict[str, Any]) -> None:
-    """Start the wandb tracker (``mode`` offline or online), resuming the run of ``output_dir`` if any."""
-    os.environ["WANDB_MODE"] = mode
-    id_file = output_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str | GeneralTracker]:
+    """accelerate's ``log_with`` for the run: ``"wandb"`` and a TensorBoard tracker on ``OUTPUT_DIR/tensorboard``."""
+    chosen: list[str | GeneralTracker] = ["wandb"] if wandb_mode != "off" else []
+    if tensorboard:
+        try:
+            import tensorboard as _  # noqa: F401 - torch's SummaryWriter needs it
+        except ImportError:
+            raise UserError("log.tensorboard=true needs the tensorboard package: pip install 'mmggem[tensorboard]'"
+                            ) from None
+        chosen.append(TensorBoardTracker(TENSORBOARD_DIR, output_dir))
+    return chosen
+
+
+def start_trackers(accelerator: Accelerator, log_cfg: Any, output_dir: Path, config: dict[str, Any],
+                   resume_step: int) -> None:
+    """Start the trackers ``accelerator`` was built with, continuing the run of ``output_dir`` if any.
+
+    ``log_cfg`` is the config's ``log`` section: wandb gets its mode, project, entity, group, tags,
+    notes and run name (default: the output folder's name). TensorBoard, resumed at
+    ``resume_step`` > 0, purges what the earlier run logged after that step.
+    """
+    wandb_kwargs: dict[str, Any] = {}
+    if log_cfg.wandb != "off":
+        os.environ["WANDB_MODE"] = log_cfg.wandb
+        id_file = output_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        wandb_kwargs = {"name": log_cfg.run_name or output_dir.name, "dir": str(output_dir), "id": run_id,
+                        "resume": "allow", "group": log_cfg.group or None, "tags": list(log_cfg.tags) or None,
+                        "notes": log_cfg.notes or None, "entity": log_cfg.entity or None}
+    for tracker in accelerator.log_with:
+        if isinstance(tracker, TensorBoardTracker) and resume_step > 0:
+            tracker.init_kwargs["purge_step"] = resume_step + 1
     try:
-        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {
-            "name": run_name or output_dir.name, "dir": str(output_dir), "id": run_id, "resume": "allow"}})
-    except Exception as error:  # noqa: BLE001 - any wandb failure must leave training running
-        log.warning("wandb could not start (%s): continuing without it", error)
+        accelerator.init_trackers(log_cfg.project, init_kwargs={"wandb": wandb_kwargs})
+    except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
+        log.warning("a tracker could not start (%s): continuing with results.jsonl only", error)
+        accelerator.trackers = []
         return
-    if accelerator.is_main_process:
-        id_file.write_text(run_id + "\n")
+    for tracker in accelerator.trackers:
+        _store_config(tracker, config)
+    if wandb_kwargs and accelerator.is_main_process:
+        (output_dir / WANDB_ID_FILE).write_text(wandb_kwargs["id"] + "\n")
+
+
+def _store_config(tracker: GeneralTracker, config: dict[str, Any]) -> None:
+    """The resolved config: wandb's run config, TensorBoard's text ``config`` (its hparams need flat values)."""
+    if tracker.name == "wandb":
+        tracker.store_init_configuration(config)
+    elif tracker.name == "tensorboard" and tracker.writer is not None:
+        tracker.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
 
 class RunLog:
-    """Appends one JSON object per logged step to results.jsonl and forwards it to the trackers."""
+    """Appends one JSON object per logged step to results.jsonl and forwards it, and pictures, to the trackers."""
 
     def __init__(self, accelerator: Accelerator, output_dir: Path) -> None:
         self.accelerator = accelerator
@@ -53,16 +98,23 @@ class RunLog:
         wandb has them in its run config."""
         self.notes.update(facts)
 
-    def _wandb_run(self) -> Any | None:
-        trackers = [t for t in self.accelerator.trackers if t.name == "wandb"]
-        return trackers[0].tracker if trackers else None
+    def _tracker(self, name: str) -> Any | None:
+        """The library object of tracker ``name`` (wandb's run, TensorBoard's SummaryWriter) on the main process."""
+        if not self.accelerator.is_main_process:
+            return None
+        found = [t for t in self.accelerator.trackers if t.name == name]
+        return found[0].tracker if found else None
 
-    def _guard(self, action: str, call: Any) -> None:
+    def _guard(self, name: str, action: str, call: Callable[[], Any]) -> None:
         try:
             call()
         except Exception as error:  # noqa: BLE001 - see the module docstring
-            log.warning("wandb failed to %s (%s): wandb is off for the rest of the run", action, error)
-            self.accelerator.trackers = [t for t in self.accelerator.trackers if t.name != "wandb"]
+            log.warning("%s failed to %s (%s): %s is off for the rest of the run", name, action, error, name)
+            self.accelerator.trackers = [t for t in self.accelerator.trackers if t.name != name]
+
+    def has_trackers(self) -> bool:
+        """Whether this process writes to any tracker besides results.jsonl (the main process, if one runs)."""
+        return self.accelerator.is_main_process and bool(self.accelerator.trackers)
 
     def rewind(self, step: int) -> None:
         """Drop records after ``step``: on resume, what was logged past the checkpoint is logged again."""
@@ -72,29 +124,70 @@ class RunLog:
         write_text_atomic(self.path, "".join(kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Scalars (and strings) under the same keys in results.jsonl, wandb and TensorBoard."""
         if not self.accelerator.is_main_process:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics, **self.notes}) + "\n")
         self.notes = {}
-        if self._wandb_run() is not None:
-            self._guard("log", lambda: self.accelerator.log(metrics, step=step))
+        for tracker in list(self.accelerator.trackers):
+            self._guard(tracker.name, "log", lambda: tracker.log(metrics, step=step))
 
     def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
-        run = self._wandb_run() if self.accelerator.is_main_process else None
+        values = values.detach().float().cpu().numpy()
+        run, writer = self._tracker("wandb"), self._tracker("tensorboard")
         if run is not None:
             import wandb
 
-            self._guard("log a histogram", lambda: run.log({key: wandb.Histogram(values.detach().cpu().numpy())},
-                                                           step=step))
+            self._guard("wandb", "log a histogram", lambda: run.log({key: wandb.Histogram(values)}, step=step))
+        if writer is not None:
+            self._guard("tensorboard", "log a histogram", lambda: writer.add_histogram(key, values, step))
 
     def log_table(self, key: str, rows: list[list[Any]], columns: list[str], step: int) -> None:
-        run = self._wandb_run() if self.accelerator.is_main_process else None
+        """A wandb Table (cells may be :class:`numpy.ndarray` images); a Markdown table of the text in TensorBoard."""
+        run, writer = self._tracker("wandb"), self._tracker("tensorboard")
         if run is not None:
             import wandb
 
-            self._guard("log a table", lambda: run.log({key: wandb.Table(columns=columns, data=rows)}, step=step))
+            cells = [[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in rows]
+            self._guard("wandb", "log a table", lambda: run.log({key: wandb.Table(columns=columns, data=cells)},
+                                                                step=step))
+        if writer is not None:
+            text = [[c for c in row if not isinstance(c, np.ndarray)] for row in rows]
+            header = [c for c, cell in zip(columns, rows[0]) if not isinstance(cell, np.ndarray)] if rows else []
+            markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+                                  *("| " + " | ".join(str(c) for c in row) + " |" for row in text)])
+            self._guard("tensorboard", "log a table", lambda: writer.add_text(key, markdown, step))
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """An ``[H, W, 3]`` uint8 picture: a wandb Image and a TensorBoard image under ``key``."""
+        run, writer = self._tracker("wandb"), self._tracker("tensorboard")
+        if run is not None:
+            import wandb
+
+            self._guard("wandb", "log an image", lambda: run.log({key: wandb.Image(image)}, step=step))
+        if writer is not None:
+            self._guard("tensorboard", "log an image",
+                        lambda: (writer.add_image(key, image, step, dataformats="HWC"), writer.flush()))
+
+    def log_line_series(self, key: str, steps: list[int], series: dict[str, list[float]], step: int) -> None:
+        """One wandb chart with a line per series (TensorBoard draws its own from :meth:`multiline_layout`)."""
+        run = self._tracker("wandb")
+        if run is not None:
+            import wandb
+
+            chart = lambda: wandb.plot.line_series(xs=steps, ys=list(series.values()), keys=list(series),  # noqa: E731
+                                                   title=key, xname="step")
+            self._guard("wandb", "log a chart", lambda: run.log({key: chart()}, step=step))
+
+    def multiline_layout(self, title: str, pattern: str) -> None:
+        """A TensorBoard custom-scalars chart drawing every scalar whose key matches ``pattern`` on one plot."""
+        writer = self._tracker("tensorboard")
+        if writer is not None:
+            self._guard("tensorboard", "write its layout", lambda: writer.add_custom_scalars(
+                {"mmggem": {title: ["Multiline", [pattern]]}}))
 
     def finish(self) -> None:
-        if self._wandb_run() is not None:
-            self._guard("finish", self.accelerator.end_training)
+        if self.accelerator.trackers:
+            for tracker in list(self.accelerator.trackers):
+                self._guard(tracker.name, "finish", tracker.finish)

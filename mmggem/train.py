@@ -30,9 +30,10 @@ from .checkpoint import list_checkpoints, load_checkpoint, read_data_states, res
 from .config import RunConfig, parse_duration, save_config, to_dict
 from .data.device import DeviceNormalizer, split_transform, to_device
 from .data.loader import TrainLoader
-from .evaluate import evaluate_dataset
+from .analysis import P_PREFIX
+from .eval_logging import run_evaluation
 from .evaluate.results import EvalResult
-from .fsdp import (enable_fsdp_on_cpu, full_tensor, is_fsdp, plain_model, sharding_summary,
+from .fsdp import (enable_fsdp_on_cpu, is_fsdp, plain_model, sharding_summary,
                    vectorize_scalar_parameters)
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
 from .model import create_model, get_tokenizer, image_transform, lock_towers, save_model
@@ -40,7 +41,8 @@ from .nonfinite import NonFiniteSteps, optimizer_step
 from .optim import build_optimizer, cosine_schedule
 from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
 from .stopping import EXIT_REQUEUE, StopControl
-from .tracking import RunLog, init_wandb
+from .step_metrics import StepTimer, max_over_processes, peak_memory_gb, pool_exponents, skipped_samples, step_metrics
+from .tracking import RunLog, start_trackers, trackers
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     mixed_precision, note = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
-        log_with="wandb" if cfg.log.wandb != "off" else None,
+        log_with=trackers(cfg.log.wandb, cfg.log.tensorboard, Path(cfg.output_dir)),
         project_dir=cfg.output_dir,
         dynamo_backend="inductor" if cfg.model.compile else None,
     )
@@ -157,55 +159,6 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Ac
     return loss
 
 
-def pool_exponents(model: torch.nn.Module) -> torch.Tensor | None:
-    """The learnable exponents of a GeM/GGeM pooler, as a 1-D tensor on the host, or None.
-
-    The stored values are the ones the forward pass uses: the optimizer projects them to ``>= 1``.
-
-    Collective under FSDP (the exponents may be sharded): every process must call it.
-    """
-    p = getattr(model.visual.pooler, "p", None)
-    return None if p is None else full_tensor(p.detach()).float().reshape(-1).cpu()
-
-
-def step_metrics(model: torch.nn.Module, loss: torch.Tensor, grad_norm: torch.Tensor,
-                 optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> dict[str, float]:
-    """``train/...`` metrics of the current step, the loss averaged over processes (host reads: log steps only)."""
-    loss = accelerator.reduce(loss.detach().float().reshape(1).clone(), reduction="mean")
-    metrics = {
-        "train/loss": float(loss.item()),
-        "train/grad_norm": float(grad_norm.item()),
-        "train/lr": optimizer.param_groups[0]["lr"],
-        "train/logit_scale": float(full_tensor(model.logit_scale.detach()).exp().item()),
-    }
-    exponents = pool_exponents(model)
-    if exponents is not None:
-        metrics.update({f"train/pool_p/group_{g}": float(v) for g, v in enumerate(exponents)})
-    return metrics
-
-
-def skipped_samples(loader: TrainLoader, accelerator: Accelerator) -> int:
-    count = torch.tensor([sum(loader.skipped().values())], device=accelerator.device)
-    return int(accelerator.reduce(count, reduction="sum").item())
-
-
-def run_evaluation(cfg: RunConfig, model: torch.nn.Module, accelerator: Accelerator,
-                   tokenizer: Any, run_log: RunLog, step: int) -> list[EvalResult]:
-    """Evaluate on every set in ``eval.datasets``, sharded over all processes; log ``eval/<set>/<metric>``."""
-    unwrapped = plain_model(accelerator, model, lambda: build_model(cfg, load_pretrained=False))
-    preprocess = image_transform(unwrapped, is_train=False)
-    results = [
-        evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
-                         num_workers=cfg.eval.workers, accelerator=accelerator, amp=accelerator.mixed_precision != "no",
-                         progress=False)
-        for dataset in cfg.eval.datasets
-    ]
-    rows = [[r.dataset, metric, value] for r in results for metric, value in r.metrics.items()]
-    run_log.log({f"eval/{dataset}/{metric}": value for dataset, metric, value in rows}, step)
-    run_log.log_table("eval/table", rows, ["dataset", "metric", "value"], step)
-    return results
-
-
 def restore_data_position(loader: TrainLoader, checkpoint: Path, saved_world_size: int, accelerator: Accelerator,
                           cfg: RunConfig) -> bool:
     """Put the loader where the checkpoint's run was; True when exactly, False when approximately.
@@ -270,10 +223,10 @@ def train(cfg: RunConfig) -> TrainOutcome:
     )
     approximate = saved is not None and not restore_data_position(loader, resume_from, saved["world_size"],
                                                                   accelerator, cfg)
-    if cfg.log.wandb != "off":
-        init_wandb(accelerator, cfg.log.wandb, cfg.log.project, cfg.log.run_name, output_dir, to_dict(cfg))
+    start_trackers(accelerator, cfg.log, output_dir, to_dict(cfg), state.step)
     run_log = RunLog(accelerator, output_dir)
     run_log.rewind(state.step)
+    run_log.multiline_layout("GGeM exponent p of each group", P_PREFIX + r"\d+")
     run_log.note({"run/precision": accelerator.mixed_precision})
     if approximate:
         run_log.log({"data/resumed_approximately": 1}, state.step)
@@ -316,13 +269,13 @@ class _Run:
                         disable=not (accelerator.is_main_process and cfg.log.progress))
         data_iter = batches(self.loader)
         self.model.train()
-        window_start, data_wait = time.perf_counter(), 0.0
+        timer = StepTimer()
         outcome = TrainOutcome(step=state.step)
         try:
             while state.step < cfg.train.steps:
                 fetch_start = time.perf_counter()
                 images, texts = next(data_iter)
-                data_wait += time.perf_counter() - fetch_start
+                timer.waited(time.perf_counter() - fetch_start)
                 images, texts = to_device(images, texts, accelerator.device, self.normalizer)
                 loss = train_step(self.model, self.loss_fn, accelerator, images, texts, cfg.train.accum_steps)
                 grad_norm = optimizer_step(accelerator, self.model, self.optimizer, nonfinite, cfg.train.grad_clip,
@@ -338,14 +291,13 @@ class _Run:
                 if log_step or checkpoint_step:
                     self._read_nonfinite(nonfinite)
                 if log_step:
-                    elapsed = time.perf_counter() - window_start
                     steps_in_window = (state.step - 1) % cfg.log.every + 1
                     metrics = step_metrics(unwrapped, loss, grad_norm, self.optimizer, accelerator)
+                    metrics.update(timer.metrics(steps_in_window, cfg.train.batch_size, accelerator.num_processes))
                     metrics.update({
                         "train/epoch": self.loader.state_dict().get("epoch", 0),
                         "train/bad_steps": state.bad_steps,
-                        "perf/samples_per_s": steps_in_window * global_batch / max(elapsed, 1e-9),
-                        "perf/data_wait_s": data_wait,
+                        "perf/max_memory_gb": max_over_processes(peak_memory_gb(accelerator.device), accelerator),
                         "data/skipped_samples": skipped_samples(self.loader, accelerator),
                     })
                     if accelerator.scaler is not None:
@@ -356,9 +308,9 @@ class _Run:
                     if exponents is not None:
                         self.run_log.log_histogram("train/pool_p", exponents, state.step)
                     progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                    window_start, data_wait = time.perf_counter(), 0.0
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-                    run_evaluation(cfg, self.model, accelerator, self.tokenizer, self.run_log, state.step)
+                    with timer.paused():  # evaluation time is not step time
+                        self._evaluate()
                     self.model.train()
 
                 stopped_by = self.stop.check(state.step)
@@ -366,7 +318,8 @@ class _Run:
                     self._read_nonfinite(nonfinite)
                 periodic = checkpoint_step and state.bad_steps_in_a_row == 0
                 if periodic or stopped_by or state.step == cfg.train.steps:
-                    outcome.checkpoint = self._save()
+                    with timer.paused():
+                        outcome.checkpoint = self._save()
                 if stopped_by:
                     accelerator.print(f"stopped at step {state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
                     outcome.step, outcome.stopped_by = state.step, stopped_by
@@ -375,14 +328,17 @@ class _Run:
             progress.close()
         outcome.step = state.step
         if cfg.eval.datasets:
-            outcome.evaluations = run_evaluation(cfg, self.model, accelerator, self.tokenizer, self.run_log,
-                                                 state.step)
+            outcome.evaluations = self._evaluate()
         exported = plain_model(accelerator, self.model, lambda: build_model(cfg, load_pretrained=False))
         if accelerator.is_main_process:
             outcome.final = save_model(exported, Path(cfg.output_dir) / "final")
         accelerator.wait_for_everyone()
         accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
         return outcome
+
+    def _evaluate(self) -> list[EvalResult]:
+        return run_evaluation(self.cfg, self.model, self.accelerator, self.tokenizer, self.loss_fn, self.run_log,
+                              self.state.step, lambda: build_model(self.cfg, load_pretrained=False))
 
     def _read_nonfinite(self, nonfinite: NonFiniteSteps) -> None:
         """Bring the device counters into ``state``; stop the run after ``train.max_bad_steps`` in a row."""

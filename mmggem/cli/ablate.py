@@ -43,12 +43,12 @@ def run(args: argparse.Namespace) -> int:
                          "--seeds and --parallel >= 1")
     if args.baseline is not None and args.baseline not in poolings:
         raise UsageError(f"--baseline {args.baseline} is not among --poolings {','.join(poolings)}")
-    load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     state = PartialState()
     runs = plan_runs(args.output_dir, poolings, args.seeds)
     device = state.local_process_index if state.device.type == "cuda" else None
     failed = run_all(args.config, runs, args.overrides, args.parallel, state.process_index, state.num_processes,
-                     device)
+                     device, tags=cfg.log.tags)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 1 if failed else 0

@@ -233,6 +233,18 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return handle.read()
 
 
+def image_bytes(sample: Sample) -> bytes:
+    """The encoded image of ``sample``, read with one seek into its shard."""
+    with open(sample.shard, "rb") as f:
+        f.seek(sample.image_offset)
+        return f.read(sample.image_size)
+
+
+def read_image(sample: Sample) -> PIL.Image.Image:
+    """The image of ``sample`` as the evaluation decodes it (CLIP_benchmark's pixels), for showing it."""
+    return decode_image(image_bytes(sample), exact=True)
+
+
 class ImageDataset(Dataset):
     """Map-style dataset over a set's samples: ``(index, image tensor or None, failure or None)``.
 
@@ -248,10 +260,7 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        sample = self.samples[index]
-        with open(sample.shard, "rb") as f:
-            f.seek(sample.image_offset)
-            data = f.read(sample.image_size)
+        data = image_bytes(self.samples[index])
         try:
             image = decode_image(data, exact=True)  # CLIP_benchmark's pixels (see mmggem.data.images)
         except Exception as error:  # any decoder failure (PIL raises OSError, ValueError, SyntaxError, ...)

@@ -44,6 +44,10 @@ class EvalResult:
     num_samples: int
     precision: str
     skipped: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """What the metrics were computed from, for pictures and losses (not written to files): retrieval's
+    ``image_features``, ``text_features``, ``text_image`` and ``samples`` (one per image row); zero-shot's
+    ``predicted``, ``target`` and ``classnames``."""
 
     def record(self, *, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
         """The CLIP_benchmark-schema record of this result."""

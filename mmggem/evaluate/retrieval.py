@@ -78,4 +78,6 @@ def evaluate_retrieval(
         num_samples=len(captions),
         precision=encoding.precision,
         skipped=dict(images.skips.counts),
+        details={"image_features": images.features, "text_features": text_features, "text_image": text_image,
+                 "samples": [evalset.samples[i] for i in images.indices.tolist()]},
     )

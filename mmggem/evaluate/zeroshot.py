@@ -118,4 +118,5 @@ def evaluate_zeroshot(
         num_samples=len(target),
         precision=encoding.precision,
         skipped=dict(images.skips.counts),
+        details={"predicted": logits.argmax(dim=1), "target": target, "classnames": list(metadata.classnames)},
     )
