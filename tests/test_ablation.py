@@ -1,10 +1,12 @@
 """`mmggem ablate`: every pooling x seed trained, evaluated and tabulated."""
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
 import torch
+import yaml
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +20,7 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
                      "--output-dir", str(out), "--parallel", "2", "--baseline", "avg",
                      f"data.train={train_shards}", f"eval.datasets=[{zeroshot}, {retrieval}]",
                      "train.steps=3", "train.batch_size=16", "train.warmup_steps=1", "data.workers=0",
-                     "train.threads=1", "eval.batch_size=500", timeout=900)
+                     "train.threads=1", "eval.batch_size=500", "log.tags=[demo]", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "ablation.csv")))
     assert {(r["pooling"], r["metric"]) for r in rows} == {
@@ -41,6 +43,15 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
     assert "Difference to avg, paired by seed" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "seed: 1\n" in (out / "ggem" / "seed_1" / "config.yaml").read_text()
+    # on the dashboard (these keys reach wandb as tests/test_dashboards.py shows): named <pooling>-s<seed>,
+    # grouped under the ablation, tagged with the pooling
+    for pooling in ("avg", "ggem"):
+        for seed in (0, 1):
+            log = yaml.safe_load((out / pooling / f"seed_{seed}" / "config.yaml").read_text())["log"]
+            expected = (f"{pooling}-s{seed}", "ablation", ["demo", pooling])
+            assert (log["run_name"], log["group"], log["tags"]) == expected
+    final = json.loads((out / "avg" / "seed_0" / "results.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(final["val/loss"])  # CLIP's loss on the retrieval set's pairs
 
 
 T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5% quantile, by degrees of freedom (any statistics table)

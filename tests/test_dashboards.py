@@ -50,8 +50,9 @@ def records(out: Path) -> list[dict]:
 
 
 def tensorboard(out: Path) -> EventAccumulator:
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
-    return events.Reload()
+    """TensorBoard's reader of the run's events, keeping every event (0: no sampling)."""
+    kept = {"scalars": 0, "images": 0, "tensors": 0, "histograms": 0}
+    return EventAccumulator(str(out / "tensorboard"), size_guidance=kept).Reload()
 
 
 def wandb_records(transaction_log: Path) -> list[dict]:
