@@ -55,8 +55,7 @@ def find_run_dir(path: str | os.PathLike | None = None) -> Path:
     ``runs/demo`` from a notebook started in ``notebooks/``.
     """
     given = Path(path if path is not None else os.environ.get(RUN_DIR_ENV, DEFAULT_RUN_DIR)).expanduser()
-    bases = [given] if given.is_absolute() else [folder / given for folder in (Path.cwd(), *Path.cwd().parents)]
-    for base in bases:
+    for base in _look_up(given):
         for candidate in (base, base / "run"):
             if (candidate / FINAL_MODEL).is_dir():
                 return candidate.resolve()
@@ -66,6 +65,59 @@ def find_run_dir(path: str | os.PathLike | None = None) -> Path:
         f"{given / 'run' / FINAL_MODEL}{where}; train one with `mmggem demo --output-dir {given}` "
         f"or set {RUN_DIR_ENV} to a training output folder"
     )
+
+
+def _look_up(given: Path) -> list[Path]:
+    """Where a relative path may be: from the current folder and each folder above it (absolute: itself)."""
+    return [given] if given.is_absolute() else [folder / given for folder in (Path.cwd(), *Path.cwd().parents)]
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """An evaluation set of a run, its images decoded: class labels and names, or captions, as the set gives them.
+
+    ``images`` are ``[H, W, 3]`` uint8 arrays, in the set's sample order. ``classnames`` and ``templates``
+    are those the evaluation uses (the set's own files, else the built-in ones of its name).
+    """
+
+    name: str
+    path: Path
+    images: list[np.ndarray]
+    labels: np.ndarray | None = None
+    classnames: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+    captions: list[tuple[str, ...]] | None = None
+
+
+def run_eval_set(run_dir: str | os.PathLike, *kinds: str, limit: int | None = None) -> RunSet:
+    """The first set in the run's ``eval.datasets`` of one of ``kinds`` (``classification``, ``retrieval``).
+
+    Read from the run's ``config.yaml``, so a notebook shows the data the run was evaluated on;
+    a relative set path is looked up as :func:`find_run_dir` does. ``limit`` keeps the first images only.
+    """
+    import yaml
+
+    from .data import formats
+    from .evaluate.dataset import decode_image, image_bytes, open_eval_set
+    from .evaluate.metadata import resolve_metadata
+
+    config = Path(run_dir) / "config.yaml"
+    listed = (yaml.safe_load(config.read_text()) or {}).get("eval", {}).get("datasets", [])
+    for entry in listed:
+        found = [path for path in _look_up(Path(entry).expanduser()) if path.is_dir()]
+        kind = formats.read_dataset_type(found[0]) if found else None
+        if kind not in kinds:
+            continue
+        evalset = open_eval_set(found[0])
+        samples = evalset.samples[:limit]
+        images = [np.asarray(decode_image(image_bytes(sample))) for sample in samples]
+        if kind == formats.RETRIEVAL:
+            return RunSet(evalset.name, found[0], images, captions=[sample.captions for sample in samples])
+        metadata = resolve_metadata(evalset.name, evalset.classnames, evalset.templates, source=str(found[0]))
+        return RunSet(evalset.name, found[0], images, np.array([sample.label for sample in samples]),
+                      metadata.classnames, metadata.templates)
+    raise FileNotFoundError(f"{config}: no {' or '.join(kinds)} set found among eval.datasets {listed}; "
+                            "evaluate the run on one (eval.datasets) to look at it here")
 
 
 def read_records(run_dir: str | os.PathLike) -> list[dict]:

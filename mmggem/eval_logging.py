@@ -79,8 +79,7 @@ def log_pictures(results: list[EvalResult], run_log: RunLog, step: int) -> None:
     retrieval = [r for r in results if r.task == ZEROSHOT_RETRIEVAL]
     if retrieval:
         details = retrieval[0].details
-        texts = [text for sample in details["samples"] for text in sample.captions]
-        examples = retrieval_examples(details, texts)
+        examples = retrieval_examples(details)
         if examples:
             rows = retrieval_rows(examples, details["samples"])
             columns = ["caption", *(f"top {i + 1}" for i in range(len(rows[0]) - 2)), "right image"]

@@ -37,11 +37,10 @@ class RetrievalExample:
         return self.ranked.index(self.right) + 1 if self.right in self.ranked else None
 
 
-def retrieval_examples(details: dict, texts: Sequence[str], count: int = EXAMPLE_CAPTIONS,
-                       k: int = TOP_K) -> list[RetrievalExample]:
+def retrieval_examples(details: dict, count: int = EXAMPLE_CAPTIONS, k: int = TOP_K) -> list[RetrievalExample]:
     """The first caption of ``count`` images spread evenly over the set (the same ones at every
-    evaluation), each with its ``k`` best-scoring images. ``texts`` are the captions in the order of
-    ``details["text_features"]``."""
+    evaluation), each with its ``k`` best-scoring images; ``details`` is a retrieval result's."""
+    texts = [text for sample in details["samples"] for text in sample.captions]  # text_features' order
     text_image = details["text_image"]
     rows = len(details["image_features"])
     chosen = sorted(set(np.linspace(0, rows - 1, min(count, rows)).round().astype(int).tolist()))

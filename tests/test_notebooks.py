@@ -1,4 +1,5 @@
-"""Both notebooks run from top to bottom against the model `mmggem demo` trains in the tests.
+"""Both notebooks run from top to bottom against a run that is not the demo's: trained on colour
+shards and evaluated on colour sets built here, so the notebooks must read the run's own sets.
 
 The kernel is ipykernel's own spec for the interpreter running the tests (see
 :func:`kernel_manager`), so the notebooks import the same mmggem as the tests,
@@ -17,14 +18,17 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_env
+from conftest import cpu_env, run_cli
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 import mmggem
 from mmggem import analysis
-from mmggem.data.demo import CLASSNAMES, load_splits
+from mmggem.data.demo import _png
+from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
+from mmggem.evaluate.dataset import decode_image, image_bytes, open_eval_set
+from test_train import train_args
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
@@ -72,14 +76,44 @@ def number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-@pytest.fixture(scope="module")
-def quickstart(demo_run: Path) -> nbformat.NotebookNode:
-    return execute("quickstart.ipynb", demo_run / "run")
+COLOURS = ("red", "green", "blue", "yellow", "violet")
+SET_SIZE = 40
+
+
+def colour_image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A noisy 28x28 RGB image of the brightness of ``label``, as in the training shards of ``train_shards``."""
+    return (rng.random((28, 28, 3)) * 60 + label * 45).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
-def ggem_analysis(demo_run: Path) -> nbformat.NotebookNode:
-    return execute("ggem_analysis.ipynb", demo_run / "run")
+def colour_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that is not the demo's: trained on colour shards, evaluated on colour sets built here."""
+    root = tmp_path_factory.mktemp("colour_run")
+    rng = np.random.default_rng(7)
+    labels = [int(label) for label in rng.integers(0, len(COLOURS), SET_SIZE)]
+    images = [colour_image(label, rng) for label in labels]
+    (root / "colours").mkdir()
+    (root / "colour-captions").mkdir()
+    write_classification_set(root / "colours", (ClassSample(_png(i), l) for i, l in zip(images, labels)), COLOURS,
+                             templates=["a photo of colour {c}."])
+    write_retrieval_set(root / "colour-captions", (RetrievalSample(_png(i), [f"a photo of colour {l}", COLOURS[l]])
+                                                   for i, l in zip(images, labels)))
+    (root / "labels.json").write_text(json.dumps(labels))
+    run = root / "run"
+    result = run_cli(*train_args(train_shards, run, "train.steps=4", "log.every=2", "data.workers=0",
+                                 f"eval.datasets=[{root / 'colours'}, {root / 'colour-captions'}]"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def quickstart(colour_run: Path) -> nbformat.NotebookNode:
+    return execute("quickstart.ipynb", colour_run)
+
+
+@pytest.fixture(scope="module")
+def ggem_analysis(colour_run: Path) -> nbformat.NotebookNode:
+    return execute("ggem_analysis.ipynb", colour_run)
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "ggem_analysis.ipynb"])
@@ -91,54 +125,62 @@ def test_notebooks_are_stored_without_outputs(name: str) -> None:
     assert notebook.metadata.kernelspec.name == "python3"
 
 
-def test_quickstart_accuracy_is_the_runs_evaluation(quickstart: nbformat.NotebookNode, demo_run: Path) -> None:
+def final_evaluation(run: Path) -> dict:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()][-1]
+
+
+def test_quickstart_accuracy_is_the_runs_evaluation(quickstart: nbformat.NotebookNode, colour_run: Path) -> None:
     text = printed(quickstart)
-    assert f"loaded ViT-Ti-4-28 (ggem pooling) from {demo_run / 'run' / 'final'}" in text
-    accuracy = number(r"zero-shot top-1 on the 1500 held-out images: ([0-9.]+)", text)
-    evaluated = json.loads((demo_run / "eval" / "zeroshot.json").read_text())["metrics"]["acc1"]
-    assert accuracy == pytest.approx(evaluated, abs=5e-5)
+    assert f"loaded ViT-Ti-4-28 (ggem pooling) from {colour_run / 'final'}" in text
+    accuracy = number(rf"zero-shot top-1 on the {SET_SIZE} images of colours: ([0-9.]+)", text)
+    assert accuracy == pytest.approx(final_evaluation(colour_run)["eval/colours/acc1"], abs=5e-5)
 
 
-def test_quickstart_shows_images_with_their_predictions(quickstart: nbformat.NotebookNode) -> None:
-    labels = load_splits().test_labels
-    names = "|".join(re.escape(name) for name in CLASSNAMES)
+def test_quickstart_shows_the_runs_images_with_their_predictions(quickstart: nbformat.NotebookNode,
+                                                                  colour_run: Path) -> None:
+    labels = json.loads((colour_run.parent / "labels.json").read_text())
+    names = "|".join(COLOURS)
     lines = re.findall(rf"image (\d+): predicted ({names}) \((\d+)%\), true ({names})\n", printed(quickstart))
     assert len(lines) == 16 and len({index for index, *_ in lines}) == 16
     for index, _, percent, true in lines:
-        assert true == CLASSNAMES[labels[int(index)]]
-        assert 10 <= int(percent) <= 100  # the top one of ten class probabilities
+        assert true == COLOURS[labels[int(index)]]
+        assert 20 <= int(percent) <= 100  # the top one of five class probabilities
     assert images_shown(quickstart) == 2  # the prediction grid and the retrieval grid
 
 
-def test_quickstart_retrieves_the_best_matching_images(quickstart: nbformat.NotebookNode, demo_run: Path) -> None:
-    match = re.search(r"top 8 images for '(.+)': \[([\d, ]+)\]", printed(quickstart))
+def test_quickstart_retrieves_the_best_matching_images(quickstart: nbformat.NotebookNode, colour_run: Path) -> None:
+    match = re.search(r"top 8 images of colour-captions for '(.+)': \[([\d, ]+)\]", printed(quickstart))
     assert match, printed(quickstart)
     caption, shown = match.group(1), [int(i) for i in match.group(2).split(",")]
-    # Score the 8 shown images and 200 others directly: the shown ones come first, best first.
-    others = [i for i in np.random.default_rng(1).choice(1500, size=208, replace=False) if i not in shown][:200]
-    model, preprocess, tokenizer = mmggem.load(demo_run / "run" / "final")
+    labels = json.loads((colour_run.parent / "labels.json").read_text())
+    assert caption == f"a photo of colour {labels[0]}"  # the first caption of the set's first image
+    # Score every image of the set directly: the shown ones are the best, best first.
+    evalset = open_eval_set(colour_run.parent / "colour-captions")
+    model, preprocess, tokenizer = mmggem.load(colour_run / "final")
     with torch.inference_mode():
-        images = model.encode_image(analysis.model_inputs(load_splits().test_images[shown + others], preprocess))
+        images = model.encode_image(torch.stack([preprocess(decode_image(image_bytes(s))) for s in evalset.samples]))
         text = model.encode_text(tokenizer([caption]))
     scores = (torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(images, dim=-1).T)[0]
-    assert torch.all(scores[:7] >= scores[1:8] - 1e-6)
-    assert scores[7] >= scores[8:].max() - 1e-6
+    ranked = scores[shown]
+    assert torch.all(ranked[:-1] >= ranked[1:] - 1e-6)
+    others = [i for i in range(SET_SIZE) if i not in shown]
+    assert ranked[-1] >= scores[others].max() - 1e-6
 
 
-def test_analysis_plots_p_for_every_logged_step(ggem_analysis: nbformat.NotebookNode, demo_run: Path) -> None:
+def test_analysis_plots_p_for_every_logged_step(ggem_analysis: nbformat.NotebookNode, colour_run: Path) -> None:
     text = printed(ggem_analysis)
-    records = [json.loads(line) for line in (demo_run / "run" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (colour_run / "results.jsonl").read_text().splitlines()]
     logged = [record["step"] for record in records if "train/loss" in record]
     assert f"p logged at {len(logged)} steps ({logged[0]} to {logged[-1]})" in text
     final = re.search(r"final p per group: ([\d. ]+)\n", text)
-    model, _, _ = mmggem.load(demo_run / "run" / "final")
+    model, _, _ = mmggem.load(colour_run / "final")
     expected = model.visual.pooler.p.detach().clamp(min=1.0).numpy()
     assert final and np.allclose([float(p) for p in final.group(1).split()], expected, atol=5e-4)
 
 
 def test_analysis_reports_pooled_values_and_dependence(ggem_analysis: nbformat.NotebookNode) -> None:
     text = printed(ggem_analysis)
-    assert "tokens (1000, 49, 192)" in text
+    assert f"tokens ({SET_SIZE}, 49, 192)" in text  # every image of the run's classification set
     groups = re.findall(r"group (\d) \(p = [\d.]+\): GAP mean -?[\d.]+, GGeM, p = 1 mean [\d.]+, "
                         r"GGeM, learned p mean [\d.]+; (\d+)% of GGeM values at eps", text)
     assert [int(g) for g, _ in groups] == list(range(6))
