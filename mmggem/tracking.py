@@ -33,8 +33,9 @@ TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger(__name__)
 
 
-def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str | GeneralTracker]:
-    """accelerate's ``log_with`` for the run: ``"wandb"`` and a TensorBoard tracker on ``OUTPUT_DIR/tensorboard``."""
+def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str | GeneralTracker] | None:
+    """accelerate's ``log_with`` for the run: ``"wandb"`` and a TensorBoard tracker on ``OUTPUT_DIR/tensorboard``
+    (None for neither: accelerate warns about an empty list)."""
     chosen: list[str | GeneralTracker] = ["wandb"] if wandb_mode != "off" else []
     if tensorboard:
         try:
@@ -43,7 +44,7 @@ def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str |
             raise UserError("log.tensorboard=true needs the tensorboard package: pip install 'mmggem[tensorboard]'"
                             ) from None
         chosen.append(TensorBoardTracker(TENSORBOARD_DIR, output_dir))
-    return chosen
+    return chosen or None
 
 
 def start_trackers(accelerator: Accelerator, log_cfg: Any, output_dir: Path, config: dict[str, Any],
@@ -54,6 +55,8 @@ def start_trackers(accelerator: Accelerator, log_cfg: Any, output_dir: Path, con
     notes and run name (default: the output folder's name). TensorBoard, resumed at
     ``resume_step`` > 0, purges what the earlier run logged after that step.
     """
+    if not accelerator.log_with:
+        return
     wandb_kwargs: dict[str, Any] = {}
     if log_cfg.wandb != "off":
         os.environ["WANDB_MODE"] = log_cfg.wandb
