@@ -209,7 +209,8 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable[[list[str]],
     Column k is the normalised mean of the normalised embeddings of ``templates``
     filled with ``classnames[k]`` (templates use ``{c}``), computed in float32.
     """
-    from .evaluate.dataset import Encoding, Processes
+    from .evaluate.dataset import Processes
+    from .evaluate.encode import Encoding
     from .evaluate.metadata import ClassMetadata
     from .evaluate.zeroshot import build_classifier
 

@@ -28,7 +28,8 @@ import torch
 
 from ..data import formats
 from ..errors import UsageError, UserError
-from .dataset import Encoding, Processes, open_eval_set
+from .dataset import Processes, open_eval_set
+from .encode import Encoding
 from .metadata import resolve_metadata
 from .results import DEFAULT_RECALL_K, ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, EvalResult
 from .retrieval import evaluate_retrieval

@@ -21,7 +21,8 @@ import torch
 
 from ..errors import UsageError, UserError
 
-from .dataset import Encoding, EvalSet, Processes, encode_set_images, encode_texts
+from .dataset import EvalSet, Processes
+from .encode import Encoding, encode_set_images, encode_texts
 from .results import DEFAULT_RECALL_K, ZEROSHOT_RETRIEVAL, EvalResult
 
 

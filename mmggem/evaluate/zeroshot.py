@@ -23,7 +23,8 @@ import torch
 
 from ..data import formats
 from ..errors import UserError
-from .dataset import Encoding, EvalSet, Processes, Sample, encode_set_images, encode_texts
+from .dataset import EvalSet, Processes, Sample
+from .encode import Encoding, encode_set_images, encode_texts
 from .metadata import ClassMetadata
 from .results import ZEROSHOT_CLASSIFICATION, EvalResult
 
