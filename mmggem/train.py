@@ -292,21 +292,11 @@ class _Run:
                     self._read_nonfinite(nonfinite)
                 if log_step:
                     steps_in_window = (state.step - 1) % cfg.log.every + 1
+                    # reading the loss waits for the device, so the window's steps are done when it is timed
                     metrics = step_metrics(unwrapped, loss, grad_norm, self.optimizer, accelerator)
                     metrics.update(timer.metrics(steps_in_window, cfg.train.batch_size, accelerator.num_processes))
-                    metrics.update({
-                        "train/epoch": self.loader.state_dict().get("epoch", 0),
-                        "train/bad_steps": state.bad_steps,
-                        "perf/max_memory_gb": max_over_processes(peak_memory_gb(accelerator.device), accelerator),
-                        "data/skipped_samples": skipped_samples(self.loader, accelerator),
-                    })
-                    if accelerator.scaler is not None:
-                        metrics.update({"train/scaler_skips": state.scaler_skips,
-                                        "train/loss_scale": accelerator.scaler.get_scale()})
-                    self.run_log.log(metrics, state.step)
-                    exponents = pool_exponents(unwrapped)
-                    if exponents is not None:
-                        self.run_log.log_histogram("train/pool_p", exponents, state.step)
+                    with timer.paused():  # logging is not step time
+                        self._log(metrics, unwrapped)
                     progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
                     with timer.paused():  # evaluation time is not step time
@@ -335,6 +325,22 @@ class _Run:
         accelerator.wait_for_everyone()
         accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
         return outcome
+
+    def _log(self, metrics: dict[str, Any], unwrapped: torch.nn.Module) -> None:
+        """Complete a log step's ``metrics`` with the counters and memory, and log them with the exponents."""
+        metrics.update({
+            "train/epoch": self.loader.state_dict().get("epoch", 0),
+            "train/bad_steps": self.state.bad_steps,
+            "perf/max_memory_gb": max_over_processes(peak_memory_gb(self.accelerator.device), self.accelerator),
+            "data/skipped_samples": skipped_samples(self.loader, self.accelerator),
+        })
+        if self.accelerator.scaler is not None:
+            metrics.update({"train/scaler_skips": self.state.scaler_skips,
+                            "train/loss_scale": self.accelerator.scaler.get_scale()})
+        self.run_log.log(metrics, self.state.step)
+        exponents = pool_exponents(unwrapped)
+        if exponents is not None:
+            self.run_log.log_histogram("train/pool_p", exponents, self.state.step)
 
     def _evaluate(self) -> list[EvalResult]:
         return run_evaluation(self.cfg, self.model, self.accelerator, self.tokenizer, self.loss_fn, self.run_log,
