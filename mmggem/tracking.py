@@ -41,8 +41,8 @@ def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str |
         try:
             import tensorboard as _  # noqa: F401 - torch's SummaryWriter needs it
         except ImportError:
-            raise UserError("log.tensorboard=true needs the tensorboard package: pip install 'mmggem[tensorboard]'"
-                            ) from None
+            raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                            "(or the repository's extra: pip install -e '.[tensorboard]')") from None
         chosen.append(TensorBoardTracker(TENSORBOARD_DIR, output_dir))
     return chosen or None
 
