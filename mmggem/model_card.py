@@ -72,7 +72,7 @@ def result_file_evaluations(source: ModelSource, results_dir: Path) -> list[Eval
 def model_card(model: nn.Module, source: ModelSource, evaluations: list[Evaluation], license: str,
                repo_id: str | None = None) -> ModelCard:
     """The card of ``model`` exported from ``source`` (to be pushed to ``repo_id``, if given)."""
-    from .train import pool_exponents
+    from .step_metrics import pool_exponents
 
     spec = model.mmggem_spec
     exponents = pool_exponents(model)
