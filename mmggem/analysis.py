@@ -98,7 +98,7 @@ def run_eval_set(run_dir: str | os.PathLike, *kinds: str, limit: int | None = No
     import yaml
 
     from .data import formats
-    from .evaluate.dataset import decode_image, image_bytes, open_eval_set
+    from .evaluate.dataset import open_eval_set, read_image
     from .evaluate.metadata import resolve_metadata
 
     config = Path(run_dir) / "config.yaml"
@@ -110,7 +110,7 @@ def run_eval_set(run_dir: str | os.PathLike, *kinds: str, limit: int | None = No
             continue
         evalset = open_eval_set(found[0])
         samples = evalset.samples[:limit]
-        images = [np.asarray(decode_image(image_bytes(sample))) for sample in samples]
+        images = [np.asarray(read_image(sample)) for sample in samples]
         if kind == formats.RETRIEVAL:
             return RunSet(evalset.name, found[0], images, captions=[sample.captions for sample in samples])
         metadata = resolve_metadata(evalset.name, evalset.classnames, evalset.templates, source=str(found[0]))

@@ -27,7 +27,7 @@ import mmggem
 from mmggem import analysis
 from mmggem.data.demo import _png
 from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
-from mmggem.evaluate.dataset import decode_image, image_bytes, open_eval_set
+from mmggem.evaluate.dataset import open_eval_set, read_image
 from test_train import train_args
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -158,7 +158,7 @@ def test_quickstart_retrieves_the_best_matching_images(quickstart: nbformat.Note
     evalset = open_eval_set(colour_run.parent / "colour-captions")
     model, preprocess, tokenizer = mmggem.load(colour_run / "final")
     with torch.inference_mode():
-        images = model.encode_image(torch.stack([preprocess(decode_image(image_bytes(s))) for s in evalset.samples]))
+        images = model.encode_image(torch.stack([preprocess(read_image(s)) for s in evalset.samples]))
         text = model.encode_text(tokenizer([caption]))
     scores = (torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(images, dim=-1).T)[0]
     ranked = scores[shown]
