@@ -48,6 +48,7 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_pooler: bool = False
     patch_dropout: float = 0.0
+    trim_text: bool = True
 
 
 @dataclass

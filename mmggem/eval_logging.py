@@ -33,7 +33,7 @@ def run_evaluation(cfg: Any, model: torch.nn.Module, accelerator: Accelerator, t
         evaluate_dataset(unwrapped, dataset, preprocess, tokenizer, batch_size=cfg.eval.batch_size,
                          num_workers=cfg.eval.workers, accelerator=accelerator,
                          amp=accelerator.mixed_precision != "no",
-                         progress=False)
+                         progress=False, trim_text=cfg.model.trim_text)
         for dataset in cfg.eval.datasets
     ]
     rows = [[r.dataset, metric, value] for r in results for metric, value in r.metrics.items()]

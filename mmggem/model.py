@@ -41,6 +41,7 @@ from .hub import CONFIG_FILE, download_model_folder, is_hub_name
 from .open_clip_view import open_clip_model_cfg
 from .pooling import build_pooler
 from .pretrained import resolve_pretrained
+from .text_length import TrimmableCLIP
 from .transforms import image_transform
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -148,7 +149,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if "multimodal_cfg" in model_cfg:
         raise UserError(f"model {spec.name!r} is a CoCa model: not supported")
     custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
-    model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    model_class = open_clip.CustomTextCLIP if custom_text else TrimmableCLIP
     model = model_class(**model_cfg)
     width = model.visual.transformer.width
     heads = width // CLIPVisionCfg(**vision_cfg).head_width

@@ -42,6 +42,7 @@ from .optim import build_optimizer, cosine_schedule
 from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
 from .stopping import EXIT_REQUEUE, StopControl
 from .step_metrics import StepTimer, max_over_processes, peak_memory_gb, pool_exponents, skipped_samples, step_metrics
+from .text_length import text_trim, trimming
 from .tracking import RunLog, start_trackers, trackers
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,9 @@ def train(cfg: RunConfig) -> TrainOutcome:
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
+    trim = text_trim(accelerator.unwrap_model(model)) if cfg.model.trim_text else None  # cut in the workers
     loader = TrainLoader(
-        cfg.data.train, transform=train_transform, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
+        cfg.data.train, transform=train_transform, tokenizer=trimming(tokenizer, trim), batch_size=cfg.train.batch_size,
         num_workers=cfg.data.workers, seed=cfg.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_samples=cfg.data.num_samples,

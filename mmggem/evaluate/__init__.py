@@ -28,6 +28,7 @@ import torch
 
 from ..data import formats
 from ..errors import UsageError, UserError
+from ..text_length import TrimmableCLIP, text_trim, trimming
 from .dataset import Processes, open_eval_set
 from .encode import Encoding
 from .metadata import resolve_metadata
@@ -63,6 +64,7 @@ def evaluate_dataset(
     recall_k: Sequence[int] = DEFAULT_RECALL_K,
     name: str | None = None,
     progress: bool = True,
+    trim_text: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on the CLIP_benchmark-layout set in ``dataset_dir``, as its ``dataset_type.txt`` says.
 
@@ -78,6 +80,8 @@ def evaluate_dataset(
         recall_k: the k of Recall@k for retrieval.
         name: the dataset name in the result and for built-in class names (default: the folder's name).
         progress: a progress bar on the main process.
+        trim_text: cut each text batch to its longest caption where the features stay the same
+            (:mod:`mmggem.text_length`); False encodes every caption at the full context length.
     """
     if task is not None and task not in TASKS.values():
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS.values())}")
@@ -97,6 +101,7 @@ def evaluate_dataset(
     )
     name = name or evalset.name
     module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
+    tokenizer = trimming(tokenizer, text_trim(module) if trim_text else None)
     was_training = module.training
     module.eval()
     try:
@@ -208,6 +213,8 @@ def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir:
     except (RuntimeError, AssertionError, KeyError, TypeError) as error:  # open_clip's loader raises all of these
         detail = str(error)[:2000] or type(error).__name__
         raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
+    if type(model) is open_clip.CLIP:  # its text batches may then be trimmed (mmggem.text_length)
+        TrimmableCLIP.adopt(model)
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), name, pretrained,
                        Path(pretrained).name)

@@ -1,0 +1,121 @@
+"""Trimmed text batches: exact where mmggem trims, refused where trimming would change the features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from test_model import write_tiny_bert
+
+import mmggem
+from mmggem.loss import build_loss
+from mmggem.model import get_tokenizer
+from mmggem.text_length import ROUND_TO, TrimmableCLIP, text_trim
+
+NAME = "ViT-Ti-4-28"  # context length 32
+CAPTIONS = ["a dog", "a photo of a red bus driving down a street in the rain",
+            "two cats asleep on a sofa", "a shirt"]
+CLOSE = {"rtol": 0, "atol": 1e-5}
+
+
+def _model(**text_cfg: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return mmggem.create_model(NAME, text_cfg=text_cfg) if text_cfg else mmggem.create_model(NAME)
+
+
+def test_causal_end_of_text_tower_gives_the_same_features_loss_and_gradients_trimmed() -> None:
+    model = _model()
+    tokens = get_tokenizer(model)(CAPTIONS)
+    trim = text_trim(model)
+    assert trim is not None and trim.pool == "argmax"
+    short = trim(tokens)
+    assert short.shape[1] == 16 < tokens.shape[1]  # longest caption: 14 tokens with start and end
+    with torch.no_grad():  # the full-length path is open_clip's own
+        torch.testing.assert_close(model.encode_text(short), open_clip.CLIP.encode_text(model, tokens), **CLOSE)
+
+    images = torch.randn(len(CAPTIONS), 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    loss_fn = build_loss("clip")
+    results = []
+    for batch in (tokens, short):
+        model.zero_grad()
+        loss = loss_fn(*model(images, batch))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full_loss, full_grads), (short_loss, short_grads) = results
+    torch.testing.assert_close(short_loss, full_loss, **CLOSE)
+    assert short_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(short_grads[name], full_grads[name], **CLOSE, msg=name)
+
+
+@pytest.mark.parametrize("text_cfg", [{"no_causal_mask": True}, {"pool_type": "last"}])
+def test_towers_whose_features_read_padded_positions_keep_the_full_length(text_cfg: dict) -> None:
+    model = _model(**text_cfg).eval()
+    assert text_trim(model) is None
+    tokens = get_tokenizer(model)(CAPTIONS)
+    with torch.no_grad():  # were it trimmed anyway, the features would change
+        full, cut = model.encode_text(tokens), model.encode_text(tokens[:, :16])
+    assert (full - cut).abs().max() > 1e-3
+
+
+def test_hugging_face_encoder_with_mask_pooling_gives_the_same_features_trimmed(tmp_path: Path) -> None:
+    bert = str(write_tiny_bert(tmp_path / "bert"))
+    for pooler in ("mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler"):
+        torch.manual_seed(0)
+        model = mmggem.create_model(NAME, text_tower={"hf_model_name": bert, "hf_pooler_type": pooler}).eval()
+        tokens = get_tokenizer(model)(["a photo of a shirt", "a shoe"])
+        trim = text_trim(model)
+        assert trim is not None and trim.pool == "mask", pooler
+        assert trim(tokens).shape[1] == 8 < tokens.shape[1]
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_text(trim(tokens)), model.encode_text(tokens), **CLOSE)
+    torch.manual_seed(0)
+    max_pooled = mmggem.create_model(NAME, text_tower={"hf_model_name": bert, "hf_pooler_type": "max_pooler"})
+    assert text_trim(max_pooled) is None  # open_clip's MaxPooler takes its maximum over the padded positions
+
+
+@pytest.mark.parametrize(("end", "length"), [(1, 8), (6, 8), (7, 8), (8, 16), (23, 24), (24, 32), (31, 32)])
+def test_lengths_round_up_to_a_multiple_of_eight_and_stop_at_the_context(end: int, length: int) -> None:
+    trim = text_trim(_model())
+    tokens = torch.zeros(3, 32, dtype=torch.long)
+    tokens[:, 0] = 49406
+    tokens[0, 1:end] = 320
+    tokens[0, end] = 49407  # the end-of-text token, the highest id: argmax pooling reads it
+    tokens[1:, 1] = 49407
+    assert trim.needed(tokens) == end + 1
+    assert trim(tokens).shape == (3, length)
+    assert trim.length(tokens[:, :12]) <= 12
+
+
+def test_a_compiled_text_tower_sees_one_shape_per_multiple_of_eight() -> None:
+    from torch._dynamo.utils import counters
+
+    model = _model().eval()
+    trim = text_trim(model)
+    torch._dynamo.reset()
+    counters.clear()
+    encode = torch.compile(model.encode_text, backend="eager", dynamic=False)
+    tokens = torch.zeros(2, 32, dtype=torch.long)
+    with torch.no_grad():
+        for end in range(32):  # every caption length the context holds
+            tokens[0, end] = 49407
+            encode(trim(tokens))
+            tokens[0, end] = 0
+    assert counters["stats"]["unique_graphs"] == 32 // ROUND_TO
+    torch._dynamo.reset()
+
+
+def test_open_clip_models_loaded_for_evaluation_trim_too(tmp_path: Path) -> None:
+    from mmggem.evaluate import load_model
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model(NAME)
+    weights = tmp_path / "weights.pt"
+    torch.save({"state_dict": reference.state_dict()}, weights)
+    loaded = load_model(f"open_clip:{NAME}", str(weights))
+    assert isinstance(loaded.model, TrimmableCLIP) and text_trim(loaded.model) is not None
+    tokens = loaded.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_text(text_trim(loaded.model)(tokens)),
+                                   reference.eval().encode_text(tokens), **CLOSE)
