@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,8 +19,16 @@ PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-def write_color_shards(folder: Path, shards: int = 4, per_shard: int = 40, size: int = 28, seed: int = 0) -> str:
-    """Shards of five colour classes in the img2dataset layout, with sizes.json; returns the brace pattern."""
+def colour_caption(shard: int, label: int) -> str:
+    return f"a photo of colour {label}"
+
+
+def write_color_shards(folder: Path, shards: int = 4, per_shard: int = 40, size: int = 28, seed: int = 0,
+                       caption: Callable[[int, int], str] = colour_caption) -> str:
+    """Shards of five colour classes in the img2dataset layout, with sizes.json; returns the brace pattern.
+
+    ``caption(shard, label)`` is each sample's caption.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {}
@@ -32,7 +41,7 @@ def write_color_shards(folder: Path, shards: int = 4, per_shard: int = 40, size:
                 buffer = io.BytesIO()
                 Image.fromarray(pixels).save(buffer, format="PNG")
                 sink.write({"__key__": f"{shard:06d}{index:04d}", "png": buffer.getvalue(),
-                            "txt": f"a photo of colour {label}"})
+                            "txt": caption(shard, label)})
         sizes[name] = per_shard
     (folder / "sizes.json").write_text(json.dumps(sizes))
     return str(folder / f"{{000000..{shards - 1:06d}}}.tar")

@@ -6,7 +6,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from conftest import accelerate_cli, write_color_shards
 from test_model import write_tiny_bert
+from test_train import assert_same_run, ok, train_args
 
 import mmggem
 from mmggem.loss import build_loss
@@ -119,3 +121,18 @@ def test_open_clip_models_loaded_for_evaluation_trim_too(tmp_path: Path) -> None
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.encode_text(text_trim(loaded.model)(tokens)),
                                    reference.eval().encode_text(tokens), **CLOSE)
+
+
+def test_two_processes_trimming_to_different_lengths_train_as_at_full_length(tmp_path: Path) -> None:
+    """One shard of short captions, one of long: each rank reads one of them every epoch, so at every
+    step one rank trims to 8 positions and the other to 24; the run equals the untrimmed one."""
+    def caption(shard: int, label: int) -> str:
+        return f"a photo of colour {label}" + (" on a wide plain under a grey sky at dusk in winter" if shard else "")
+
+    shards = write_color_shards(tmp_path / "shards", shards=2, caption=caption)
+    runs = {}
+    for trim in ("true", "false"):
+        runs[trim] = tmp_path / f"trim-{trim}"
+        ok(accelerate_cli(*train_args(shards, runs[trim], "train.steps=6", "data.resampled=false",
+                                      f"model.trim_text={trim}")))
+    assert_same_run(runs["false"], runs["true"])

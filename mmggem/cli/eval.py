@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="torch.autocast around the model (--amp) or fp32 (--no-amp); default: autocast on "
                               "CUDA, as CLIP_benchmark, and fp32 on a CPU, where autocast means bf16: slower "
                               "without bf16 units, and the numbers move. The result JSON's 'precision' says which")
+        sub.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=True,
+                         help="cut each text batch to its longest caption where the features stay the same "
+                              "(default); --no-trim-text encodes at the full context length, as CLIP_benchmark: "
+                              "under --amp the two agree to bf16/fp16 rounding only")
         sub.add_argument("--language", default="en", help="recorded in the result, as CLIP_benchmark's --language")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.set_defaults(func=run_eval, task=task, recall_k=list(DEFAULT_RECALL_K))
@@ -96,6 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 model, dataset, loaded.preprocess, loaded.tokenizer,
                 task=args.task, batch_size=args.batch_size, num_workers=args.num_workers,
                 accelerator=accelerator, amp=args.amp, recall_k=args.recall_k, progress=not args.quiet,
+                trim_text=args.trim_text,
             )
             record = {**result.record(model=loaded.model_name, pretrained=loaded.pretrained, language=args.language),
                       **loaded.provenance()}

@@ -103,12 +103,18 @@ def encode_texts(
     processes: Processes,
     encoding: Encoding,
 ) -> torch.Tensor:
-    """Normalised embeddings of ``texts`` (each process encodes a block), in order, on the CPU."""
+    """Normalised embeddings of ``texts`` (each process encodes a block), in order, on the CPU.
+
+    Texts are batched shortest first (by characters), so that a batch trimmed to its longest text
+    (:mod:`mmggem.text_length`) keeps little padding; the features are put back in order.
+    """
     device = encoding.device
     mine = [texts[i] for i in processes.part(len(texts))]
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
     chunks = []
     for start in range(0, len(mine), encoding.batch_size):
-        tokens = tokenizer(mine[start : start + encoding.batch_size]).to(device)
+        tokens = tokenizer([mine[i] for i in order[start : start + encoding.batch_size]]).to(device)
         with torch.autocast(device.type, enabled=encoding.amp):
             chunks.append(F.normalize(model.encode_text(tokens), dim=-1).cpu())
-    return torch.cat(processes.gather(chunks))
+    in_order = [torch.cat(chunks)[torch.argsort(torch.tensor(order))]] if chunks else []
+    return torch.cat(processes.gather(in_order))
