@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mfu import matmul_rate  # noqa: E402
 from benchlib import median_with_interval  # noqa: E402
 
-from mmggem.config import load_config  # noqa: E402
+from mmggem.config import RunConfig, load_config  # noqa: E402
 from mmggem.loss import build_loss  # noqa: E402
 from mmggem.model import get_tokenizer  # noqa: E402
 from mmggem.optim import build_optimizer  # noqa: E402
@@ -50,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def step_runner(accelerator: Accelerator, model_name: str, dropout: float, batch_size: int):
-    """A function timing one training step of ``model_name`` with ``dropout`` on a fixed random batch."""
-    cfg = load_config(DEMO_CONFIG, [f"model.name={model_name}", f"model.patch_dropout={dropout}"])
+def fixed_batch_step(accelerator: Accelerator, cfg: RunConfig,
+                     batch_size: int) -> tuple[torch.nn.Module, Callable[[torch.Tensor], float]]:
+    """The model of ``cfg`` and a function timing one training step of it on ``batch_size`` fixed random
+    images and the token batch it is given."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
@@ -60,9 +62,8 @@ def step_runner(accelerator: Accelerator, model_name: str, dropout: float, batch
     loss_fn = build_loss("clip")
     size = model.visual.image_size[0]
     images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    texts = get_tokenizer(model)([f"a photo of item {i}" for i in range(batch_size)])
 
-    def one_step() -> float:
+    def one_step(texts: torch.Tensor) -> float:
         start = time.perf_counter()
         train_step(model, loss_fn, accelerator, images, texts, accum_steps=1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -70,7 +71,15 @@ def step_runner(accelerator: Accelerator, model_name: str, dropout: float, batch
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    return one_step
+    return model, one_step
+
+
+def step_runner(accelerator: Accelerator, model_name: str, dropout: float, batch_size: int) -> Callable[[], float]:
+    """A function timing one training step of ``model_name`` with ``dropout`` on a fixed random batch."""
+    cfg = load_config(DEMO_CONFIG, [f"model.name={model_name}", f"model.patch_dropout={dropout}"])
+    model, one_step = fixed_batch_step(accelerator, cfg, batch_size)
+    texts = get_tokenizer(model)([f"a photo of item {i}" for i in range(batch_size)])
+    return lambda: one_step(texts)
 
 
 def compare(accelerator: Accelerator, model_name: str, dropout: float, batch_size: int, pairs: int) -> str:

@@ -33,16 +33,15 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_patch_dropout import DEMO_CONFIG, fixed_batch_step  # noqa: E402
 from bench_train import matmul_rate, median_with_interval  # noqa: E402
 
 from mmggem.config import load_config  # noqa: E402
 from mmggem.loss import build_loss  # noqa: E402
 from mmggem.model import get_tokenizer  # noqa: E402
-from mmggem.optim import build_optimizer  # noqa: E402
 from mmggem.text_length import text_trim  # noqa: E402
-from mmggem.train import build_model, train_step  # noqa: E402
+from mmggem.train import build_model  # noqa: E402
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 WORDS = ("a photo of the man woman dog red blue city street beach old young house tree car "
          "at in on with under near small large view young girl boy sitting standing").split()
 CC3M_MEAN_TOKENS = 12.0  # CC3M captions: about 10 words, about 12 BPE tokens with start and end of text
@@ -118,13 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=True)
     cfg = load_config(DEMO_CONFIG, [f"model.name={args.model}"])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
-                                cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
-    loss_fn = build_loss("clip")
-    size = model.visual.image_size[0]
-    images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model, one_step = fixed_batch_step(accelerator, cfg, args.batch_size)
     padded = get_tokenizer(model)(cc3m_like_captions(args.batch_size))
     batches = {"padded": padded, "trimmed": text_trim(model)(padded)}
     needed = (padded != 0).sum(dim=1).float()
@@ -132,14 +125,6 @@ def main(argv: list[str] | None = None) -> None:
           f"{matmul_rate('cpu', 'fp32', 2048) / 1e9:.0f} GFLOP/s; captions {needed.mean():.1f} tokens on average "
           f"(longest {int(needed.max())}): padded to {padded.shape[1]}, trimmed to {batches['trimmed'].shape[1]}",
           flush=True)
-
-    def one_step(texts: torch.Tensor) -> float:
-        start = time.perf_counter()
-        train_step(model, loss_fn, accelerator, images, texts, accum_steps=1)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in batches}
     for pair in range(args.pairs + 2):
