@@ -215,7 +215,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
-    trim = text_trim(accelerator.unwrap_model(model)) if cfg.model.trim_text else None  # cut in the workers
+    trim = text_trim(accelerator.unwrap_model(model, keep_torch_compile=False)) if cfg.model.trim_text else None
     loader = TrainLoader(
         cfg.data.train, transform=train_transform, tokenizer=trimming(tokenizer, trim), batch_size=cfg.train.batch_size,
         num_workers=cfg.data.workers, seed=cfg.seed, resampled=cfg.data.resampled,
