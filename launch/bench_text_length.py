@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_patch_dropout import DEMO_CONFIG, fixed_batch_step  # noqa: E402
-from bench_train import matmul_rate, median_with_interval  # noqa: E402
+from bench_mfu import matmul_rate  # noqa: E402
+from benchlib import median_with_interval  # noqa: E402
 
 from mmggem.config import load_config  # noqa: E402
 from mmggem.loss import build_loss  # noqa: E402

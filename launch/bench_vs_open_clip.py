@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (alternate, load_average, matmul_rate, model_image_size, parse_args,  # noqa: E402
-                         run_mmggem, run_open_clip, write_synthetic_shards)
+from bench_mfu import matmul_rate  # noqa: E402
+from bench_train import parse_args, run_open_clip  # noqa: E402
+from benchlib import alternate, load_average, model_image_size, run_mmggem, write_synthetic_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

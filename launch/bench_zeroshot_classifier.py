@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import matmul_rate  # noqa: E402
+from bench_mfu import matmul_rate  # noqa: E402
 
 import mmggem  # noqa: E402
-from mmggem.evaluate.dataset import Encoding, Processes  # noqa: E402
+from mmggem.evaluate.dataset import Processes  # noqa: E402
+from mmggem.evaluate.encode import Encoding  # noqa: E402
 from mmggem.evaluate.metadata import ClassMetadata, builtin_metadata  # noqa: E402
 from mmggem.evaluate.zeroshot import build_classifier  # noqa: E402
 from mmggem.model import get_tokenizer  # noqa: E402

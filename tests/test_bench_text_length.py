@@ -58,7 +58,7 @@ def test_trainer_comparison_runs_both_sides_and_prints_the_ratio(capsys: pytest.
     # open_clip_train needs its own environment (webdataset 0.2.86): here mmggem stands in for it, which
     # exercises the script's runs, windows and ratio; launch/bench_train.py's tests check its command line
     bench.run_open_clip = lambda args, run_dir: bench.run_mmggem(args, run_dir, "cls")
-    bench.main(["--model", "ViT-Ti-4-28", "--steps", "12", "--warmup", "1", "--log-every", "5", "--batch-size", "8",
+    bench.main(["--peer-python", sys.executable, "--model", "ViT-Ti-4-28", "--steps", "12", "--warmup", "1", "--log-every", "5", "--batch-size", "8",
                 "--threads", "1", "--workers", "1", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert number(r"ratio (\d+\.\d+)x", out) > 0 and "open_clip_train:" in out
