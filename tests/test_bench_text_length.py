@@ -54,11 +54,11 @@ def test_zeroshot_classifier_gives_clip_benchmarks_classifier(capsys: pytest.Cap
 
 def test_trainer_comparison_runs_both_sides_and_prints_the_ratio(capsys: pytest.CaptureFixture,
                                                                  tmp_path: Path) -> None:
-    bench = load("bench_vs_open_clip")
+    bench = load("bench_train")
     # open_clip_train needs its own environment (webdataset 0.2.86): here mmggem stands in for it, which
-    # exercises the script's runs, windows and ratio; launch/bench_train.py's tests check its command line
+    # exercises the script's runs, windows, MFU and ratio; tests/test_bench_train.py checks its command line
     bench.run_open_clip = lambda args, run_dir: bench.run_mmggem(args, run_dir, "cls")
     bench.main(["--peer-python", sys.executable, "--model", "ViT-Ti-4-28", "--steps", "12", "--warmup", "1", "--log-every", "5", "--batch-size", "8",
                 "--threads", "1", "--workers", "1", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert number(r"ratio (\d+\.\d+)x", out) > 0 and "open_clip_train:" in out
+    assert number(r"ratio mmggem / open_clip:\s+(\d+\.\d+)", out) > 0 and "open_clip_train (cls):" in out
