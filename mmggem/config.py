@@ -26,8 +26,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
-from .pooling import POOLER_NAMES
+from .errors import ConfigError, UserError
+from .pooling import POOLER_NAMES, check_pooler_options
 from .transforms import validate_augment
 
 
@@ -270,6 +270,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
     if cfg.model.pooling not in POOLER_NAMES:
         raise ConfigError(f"model.pooling: {cfg.model.pooling!r} is not one of {', '.join(POOLER_NAMES)}")
+    try:
+        check_pooler_options(cfg.model.pooling, cfg.model.pooling_kwargs)
+    except UserError as error:
+        raise ConfigError(f"model.pooling_kwargs: {error}") from error
     if not cfg.data.train:
         raise ConfigError("data.train: a shard pattern is required, e.g. /data/cc3m/{00000..00331}.tar")
     if cfg.train.stop_at_step is not None and not 1 <= cfg.train.stop_at_step <= cfg.train.steps:

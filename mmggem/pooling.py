@@ -288,3 +288,14 @@ def build_pooler(name: str, dim: int, heads: int, **kwargs: Any) -> nn.Module:
         return _BUILDERS[name](dim, heads, **kwargs)
     except TypeError as error:
         raise UserError(f"invalid options for pooling {name!r}: {kwargs} ({error})") from error
+
+
+def check_pooler_options(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`UserError` if ``options`` are not valid for the pooler ``name``.
+
+    The pooler is built once on a tiny token width (a multiple of ``groups``), so a misspelt option or a
+    bad value fails when the config is read, not after a model is built or, in an ablation, after hours
+    of other runs. Whether ``groups`` divides the real width is checked when the model is built.
+    """
+    groups = options.get("groups", 1)
+    build_pooler(name, 8 * groups if isinstance(groups, int) and groups > 0 else 8, 1, **options)

@@ -5,9 +5,14 @@ import math
 import statistics
 from pathlib import Path
 
+import subprocess
+
+import pytest
 import torch
 import yaml
 from conftest import run_cli
+
+from mmggem.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +21,8 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
                                                     tmp_path: Path) -> None:
     zeroshot, retrieval = small_eval_sets
     out = tmp_path / "ablation"
-    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,ggem", "--seeds", "2",
+    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg", "--seeds", "2",
+                     "--variant", "ggem-signed=ggem model.pooling_kwargs.negatives=signed",
                      "--output-dir", str(out), "--parallel", "2", "--baseline", "avg",
                      f"data.train={train_shards}", f"eval.datasets=[{zeroshot}, {retrieval}]",
                      "train.steps=3", "train.batch_size=16", "train.warmup_steps=1", "data.workers=0",
@@ -24,14 +30,14 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "ablation.csv")))
     assert {(r["pooling"], r["metric"]) for r in rows} == {
-        (p, m) for p in ("avg", "ggem")
+        (p, m) for p in ("avg", "ggem-signed")
         for m in ("zeroshot/acc1", "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@1")}
     for row in rows:
         runs = [out / row["pooling"] / f"seed_{s}" / "results.jsonl" for s in (0, 1)]
         values = [json.loads(p.read_text().splitlines()[-1])[f"eval/{row['metric']}"] for p in runs]
         assert abs(float(row["mean"]) - statistics.fmean(values)) < 1e-6
         assert abs(float(row["std"]) - statistics.stdev(values)) < 1e-6 and row["seeds"] == "2"
-        if row["pooling"] == "ggem":
+        if row["pooling"] == "ggem-signed":
             base = [out / "avg" / f"seed_{s}" / "results.jsonl" for s in (0, 1)]
             base_values = [json.loads(p.read_text().splitlines()[-1])[f"eval/{row['metric']}"] for p in base]
             diffs = [v - b for v, b in zip(values, base_values)]
@@ -39,13 +45,16 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
             assert abs(float(row["diff_mean"]) - statistics.fmean(diffs)) < 1e-6
         else:
             assert row["diff_mean"] == ""
-    assert "| ggem |" in (out / "ablation.md").read_text()
+    assert "| ggem-signed |" in (out / "ablation.md").read_text()
     assert "Difference to avg, paired by seed" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    assert "seed: 1\n" in (out / "ggem" / "seed_1" / "config.yaml").read_text()
+    variant = yaml.safe_load((out / "ggem-signed" / "seed_1" / "config.yaml").read_text())
+    assert (variant["seed"], variant["model"]["pooling"], variant["model"]["pooling_kwargs"]) == (
+        1, "ggem", {"negatives": "signed"})
+    assert yaml.safe_load((out / "avg" / "seed_0" / "config.yaml").read_text())["model"]["pooling_kwargs"] == {}
     # on the dashboard (these keys reach wandb as tests/test_dashboards.py shows): named <pooling>-s<seed>,
     # grouped under the ablation, tagged with the pooling
-    for pooling in ("avg", "ggem"):
+    for pooling in ("avg", "ggem-signed"):
         for seed in (0, 1):
             log = yaml.safe_load((out / pooling / f"seed_{seed}" / "config.yaml").read_text())["log"]
             expected = (f"{pooling}-s{seed}", "ablation", ["demo", pooling])
@@ -66,8 +75,9 @@ def finished_run(out: Path, pooling: str, seed: int, recall: float) -> None:
     (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def test_paired_differences_intervals_and_notes_from_finished_runs(tmp_path: Path) -> None:
-    from mmggem.ablation import plan_runs, write_summary
+def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: Path) -> None:
+    from mmggem.ablation import Arm, plan_runs
+    from mmggem.ablation_summary import write_summary
 
     base = {0: 0.10, 1: 0.30, 2: 0.20}  # large seed noise, shared by the pooling it is paired with
     values = {"avg": base, "ggem": {s: v + d for (s, v), d in zip(base.items(), (0.020, 0.021, 0.022))},
@@ -75,31 +85,60 @@ def test_paired_differences_intervals_and_notes_from_finished_runs(tmp_path: Pat
     for pooling, by_seed in values.items():
         for seed, recall in by_seed.items():
             finished_run(tmp_path, pooling, seed, recall)
-    runs = [r for r in plan_runs(tmp_path, list(values), 3) if r.finished]
-    write_summary(runs, tmp_path, baseline="avg")
+    runs = [r for r in plan_runs(tmp_path, [Arm(p, p) for p in values], 3) if r.finished]
+    write_summary(runs, tmp_path, baselines=["avg", "max"])
 
-    rows = {r["pooling"]: r for r in csv.DictReader(open(tmp_path / "ablation.csv"))}
-    ggem, max_, gem = rows["ggem"], rows["max"], rows["gem"]
+    rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
+    assert [(r["pooling"], r["baseline"]) for r in rows] == [
+        ("avg", ""), ("avg", "max"), ("ggem", "avg"), ("ggem", "max"), ("max", "avg"), ("max", ""),
+        ("gem", "avg"), ("gem", "max")]
+    by_pair = {(r["pooling"], r["baseline"]): r for r in rows}
+    ggem, max_, gem = by_pair["ggem", "avg"], by_pair["max", "avg"], by_pair["gem", "avg"]
     half = T_975[2] * statistics.stdev([0.020, 0.021, 0.022]) / 3**0.5
     assert abs(float(ggem["diff_mean"]) - 0.021) < 1e-9 and ggem["paired_seeds"] == "3"
     assert abs(float(ggem["diff_low"]) - (0.021 - half)) < 1e-5 and abs(float(ggem["diff_high"]) - (0.021 + half)) < 1e-5
     assert float(max_["diff_low"]) < 0 < float(max_["diff_high"])
-    assert gem["paired_seeds"] == "1" and gem["diff_low"] == "nan" and rows["avg"]["diff_mean"] == ""
+    assert gem["paired_seeds"] == "1" and gem["diff_low"] == "nan" and by_pair["avg", ""]["diff_mean"] == ""
+    ggem_vs_max = [0.020 + 0.01, 0.021 - 0.02, 0.022 - 0.0]
+    assert abs(float(by_pair["ggem", "max"]["diff_mean"]) - statistics.fmean(ggem_vs_max)) < 1e-6
+    assert abs(float(by_pair["avg", "max"]["diff_mean"]) + statistics.fmean([-0.01, 0.02, 0.0])) < 1e-6
     markdown = (tmp_path / "ablation.md").read_text()
     assert "+2.10 [+1.85, +2.35] (n=3)" in markdown
     assert "max vs avg, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert "ggem vs avg" not in markdown  # no note for a difference the interval resolves
     assert "gem vs avg, flickr/text_retrieval_recall@1: one paired seed" in markdown
+    assert markdown.index("Difference to avg, paired") < markdown.index("Difference to max, paired")
+    assert "ggem vs max, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ablation_refuses_unknown_poolings(tmp_path: Path) -> None:
-    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,median",
-                     "--output-dir", str(tmp_path))
+def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
+    from mmggem.ablation import Arm, plan_runs
+    from mmggem.ablation_summary import write_summary
+
+    finished_run(tmp_path, "avg", 0, 0.25)
+    runs = [r for r in plan_runs(tmp_path, [Arm("avg", "avg")], 1) if r.finished]
+    write_summary(runs, tmp_path, metrics=["text_retrieval_recall@1"])
+    assert [r["metric"] for r in csv.DictReader(open(tmp_path / "ablation.csv"))] == ["flickr/text_retrieval_recall@1"]
+    with pytest.raises(UserError, match="acc5"):
+        write_summary(runs, tmp_path, metrics=["acc5"])
+
+
+def test_ablation_refuses_unknown_poolings_bad_variants_and_baselines(tmp_path: Path) -> None:
+    def ablate(*args: str) -> subprocess.CompletedProcess:
+        return run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(tmp_path), *args)
+
+    result = ablate("--poolings", "avg,median")
     assert result.returncode == 2 and "median" in result.stderr
-    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "avg,ggem", "--baseline", "gem",
-                     "--output-dir", str(tmp_path))
-    assert result.returncode == 2 and "--baseline gem is not among --poolings avg,ggem" in result.stderr
+    result = ablate("--poolings", "avg,ggem", "--baseline", "gem")
+    assert result.returncode == 2 and "--baseline gem is not among the arms avg,ggem" in result.stderr
+    result = ablate("--poolings", "avg", "--variant", "fancy=median model.final_ln_after_pool=true")
+    assert result.returncode == 2 and "--variant 'fancy=median" in result.stderr
+    result = ablate("--poolings", "avg,ggem", "--variant", "ggem=gem model.final_ln_after_pool=true")
+    assert result.returncode == 2 and "ggem given twice" in result.stderr
+    result = ablate("--poolings", "avg", "--variant", "ggem-x=ggem model.pooling_kwargs.negatives=sign")
+    assert result.returncode != 0 and "negatives" in result.stderr and "sign" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any run started
 
 
 def test_same_seed_runs_share_all_but_the_pooler_and_draw_the_same_data(train_shards: str) -> None:

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..ablation_summary import SUMMARY_METRICS
 from ..errors import UsageError
 from ..pooling import POOLER_NAMES
 
@@ -24,28 +25,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per pooling (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"), help="default: %(default)s")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time in this process (default: 1)")
-    parser.add_argument("--baseline", metavar="POOLING",
-                        help="one of --poolings: also report every pooling's difference to it, paired by seed, "
-                             "with a 95%% t interval over the seeds")
+    parser.add_argument("--variant", action="append", default=[], metavar='"NAME=POOLING KEY=VALUE ..."',
+                        help="also train a named variant of a pooling with its own overrides, e.g. "
+                             "\"ggem-signed=ggem model.pooling_kwargs.negatives=signed\" (repeatable)")
+    parser.add_argument("--baseline", metavar="ARM[,ARM]",
+                        help="poolings or variants to compare every other arm with, paired by seed, with a 95%% t "
+                             "interval over the seeds (one table per baseline)")
+    parser.add_argument("--metrics", default=",".join(SUMMARY_METRICS),
+                        help="metric names to tabulate, for every evaluation set that reports them "
+                             "(default: %(default)s)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..ablation import plan_runs, run_all, write_summary
+    from ..ablation import parse_arms, plan_runs, run_all
+    from ..ablation_summary import write_summary
     from ..config import load_config
 
-    poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
-    unknown = [p for p in poolings if p not in POOLER_NAMES]
-    if unknown or args.seeds < 1 or args.parallel < 1:
-        raise UsageError(f"poolings must be among {', '.join(POOLER_NAMES)} (got {unknown}), "
-                         "--seeds and --parallel >= 1")
-    if args.baseline is not None and args.baseline not in poolings:
-        raise UsageError(f"--baseline {args.baseline} is not among --poolings {','.join(poolings)}")
+    if args.seeds < 1 or args.parallel < 1:
+        raise UsageError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
+    arms = parse_arms(args.poolings, args.variant)
+    names = [arm.name for arm in arms]
+    baselines = [b.strip() for b in (args.baseline or "").split(",") if b.strip()]
+    strangers = [b for b in baselines if b not in names]
+    if strangers:
+        raise UsageError(f"--baseline {','.join(strangers)} is not among the arms {','.join(names)}")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     cfg = load_config(args.config, args.overrides)
+    for arm in arms:  # a typo in a variant's overrides fails now, not after hours of the other arms
+        load_config(args.config, [*args.overrides, *arm.run_overrides])
     state = PartialState()
-    runs = plan_runs(args.output_dir, poolings, args.seeds)
+    runs = plan_runs(args.output_dir, arms, args.seeds)
     device = state.local_process_index if state.device.type == "cuda" else None
     failed = run_all(args.config, runs, args.overrides, args.parallel, state.process_index, state.num_processes,
                      device, tags=cfg.log.tags)
@@ -57,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print("mmggem ablate: unfinished runs (see their train.log): "
               + ", ".join(str(run.output_dir) for run in missing), file=sys.stderr)
         return 1
-    write_summary(runs, args.output_dir, args.baseline)
+    write_summary(runs, args.output_dir, baselines, metrics)
     print((args.output_dir / "ablation.md").read_text())
     print(f"wrote {args.output_dir / 'ablation.md'}, {args.output_dir / 'ablation.csv'}, "
           f"{args.output_dir / 'ablation.png'}")
