@@ -3,7 +3,9 @@ difference to each baseline arm paired by seed, as ``ablation.md``, ``ablation.c
 
 The metrics are the last logged ``eval/<set>/<metric>`` of every run, for every evaluation set of the
 config, restricted to the names in ``metrics`` (by default zero-shot ``acc1`` and retrieval Recall@1 in
-both directions). Paired differences and their 95% intervals are :mod:`mmggem.paired`'s.
+both directions). Paired differences and their 95% intervals are :mod:`mmggem.paired`'s. Arms whose
+pooler learns exponents (gem, ggem and their variants) also get their p per group: the last value in the
+Markdown, the whole course of training in ``ablation_p.png``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .ablation import AblationRun
+from .analysis import PTrajectory, p_trajectory, read_records
 from .errors import UserError
 from .paired import PairedDifference, format_difference, paired_difference, plain_note
 
@@ -49,6 +52,7 @@ class Summary:
     columns: list[str]
     rows: dict[str, dict[str, tuple[float, float, int]]]  # arm -> column -> (mean, std, n)
     differences: dict[str, Differences]  # baseline arm -> its comparisons (empty without baselines)
+    exponents: dict[tuple[str, int], PTrajectory]  # (arm, seed) -> p over training, for learned exponents
 
 
 def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
@@ -67,7 +71,18 @@ def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
     differences = {base: {arm: {c: paired_difference(by_seed[arm][c], by_seed[base][c]) for c in columns}
                           for arm in rows if arm != base}
                    for base in baselines}
-    return Summary(columns, rows, differences)
+    return Summary(columns, rows, differences, learned_exponents(runs))
+
+
+def learned_exponents(runs: list[AblationRun]) -> dict[tuple[str, int], PTrajectory]:
+    """The logged exponents of every run whose pooler learns them (the others are left out)."""
+    exponents = {}
+    for run in runs:
+        try:
+            exponents[run.name, run.seed] = p_trajectory(read_records(run.output_dir))
+        except ValueError:  # no exponent logged: cls, avg, max or attn
+            continue
+    return exponents
 
 
 def _label(column: str) -> str:
@@ -90,6 +105,13 @@ def write_markdown(summary: Summary, path: Path) -> None:
         notes = [plain_note(arm, baseline, _label(c), cells[c])
                  for arm, cells in differences.items() for c in summary.columns]
         lines += [""] + [f"- {note}" for note in notes if note]
+    if summary.exponents:
+        groups = max(trajectory.groups for trajectory in summary.exponents.values())
+        lines += ["", "Learned exponents p at the last logged step, per group.", "",
+                  "| arm | seed | " + " | ".join(f"group {g}" for g in range(groups)) + " |",
+                  "|" + " --- |" * (groups + 2)]
+        for (arm, seed), trajectory in summary.exponents.items():
+            lines.append(f"| {arm} | {seed} | " + " | ".join(f"{p:.3f}" for p in trajectory.p[-1]) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -148,9 +170,36 @@ def _plot_differences(ax: Any, differences: Differences, baseline: str, column: 
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
 
 
+def write_exponent_plot(summary: Summary, path: Path) -> None:
+    """One panel per arm with learned exponents: p of each group (colour) over steps, one line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(arm for arm, _ in summary.exponents))
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.5), squeeze=False, sharey=True)
+    styles = ("-", "--", ":", "-.")
+    for ax, arm in zip(axes[0], arms):
+        runs = {seed: trajectory for (name, seed), trajectory in summary.exponents.items() if name == arm}
+        for seed, trajectory in runs.items():
+            for group in range(trajectory.groups):
+                label = f"group {group}" if seed == min(runs) else None
+                ax.plot(trajectory.steps, trajectory.p[:, group], styles[seed % len(styles)], color=f"C{group}",
+                        label=label)
+        ax.set_title(f"{arm}: p per group (line style: seed)", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("p")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_summary(runs: list[AblationRun], out: Path, baselines: Sequence[str] = (),
                   metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
-    """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png; return the summary.
+    """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (and OUT/ablation_p.png when an arm
+    learns exponents); return the summary.
 
     With ``baselines`` (names of the runs' arms), each also reports the paired differences to every one.
     """
@@ -158,4 +207,6 @@ def write_summary(runs: list[AblationRun], out: Path, baselines: Sequence[str] =
     write_markdown(summary, out / "ablation.md")
     write_csv(summary, out / "ablation.csv")
     write_plot(summary, out / "ablation.png")
+    if summary.exponents:
+        write_exponent_plot(summary, out / "ablation_p.png")
     return summary

@@ -66,12 +66,15 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
 T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5% quantile, by degrees of freedom (any statistics table)
 
 
-def finished_run(out: Path, pooling: str, seed: int, recall: float) -> None:
-    """A run folder as `mmggem train` leaves it, as far as the summary reads it."""
+def finished_run(out: Path, pooling: str, seed: int, recall: float, exponents: tuple[float, ...] = ()) -> None:
+    """A run folder as `mmggem train` leaves it, as far as the summary reads it: ``exponents`` are the
+    pooler's p per group at step 10 (p starts at 3)."""
     run = out / pooling / f"seed_{seed}"
     (run / "final").mkdir(parents=True)
     (run / "final" / "open_clip_config.json").write_text("{}")
-    lines = [{"train/loss": 1.0}, {"eval/flickr/text_retrieval_recall@1": recall}]
+    p_logs = [{"step": step, **{f"train/pool_p/group_{g}": 3 + (p - 3) * step / 10 for g, p in enumerate(exponents)}}
+              for step in (5, 10)]
+    lines = [{"train/loss": 1.0}, *(p_logs if exponents else []), {"eval/flickr/text_retrieval_recall@1": recall}]
     (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -84,9 +87,9 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
               "max": {s: v + d for (s, v), d in zip(base.items(), (-0.01, 0.02, 0.0))}, "gem": {0: 0.13}}
     for pooling, by_seed in values.items():
         for seed, recall in by_seed.items():
-            finished_run(tmp_path, pooling, seed, recall)
+            finished_run(tmp_path, pooling, seed, recall, (2.5 + seed, 1.0 + seed) if pooling == "ggem" else ())
     runs = [r for r in plan_runs(tmp_path, [Arm(p, p) for p in values], 3) if r.finished]
-    write_summary(runs, tmp_path, baselines=["avg", "max"])
+    summary = write_summary(runs, tmp_path, baselines=["avg", "max"])
 
     rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
     assert [(r["pooling"], r["baseline"]) for r in rows] == [
@@ -110,6 +113,12 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert markdown.index("Difference to avg, paired") < markdown.index("Difference to max, paired")
     assert "ggem vs max, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    # the learned exponents: only ggem logged them; the last value per group and seed, and their course
+    assert list(summary.exponents) == [("ggem", 0), ("ggem", 1), ("ggem", 2)]
+    assert summary.exponents["ggem", 1].steps.tolist() == [5, 10]
+    assert summary.exponents["ggem", 1].p.tolist() == [[3.25, 2.5], [3.5, 2.0]]
+    assert "| ggem | 2 | 4.500 | 3.000 |" in markdown and "| avg | 0 |" not in markdown
+    assert (tmp_path / "ablation_p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
@@ -120,6 +129,7 @@ def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
     runs = [r for r in plan_runs(tmp_path, [Arm("avg", "avg")], 1) if r.finished]
     write_summary(runs, tmp_path, metrics=["text_retrieval_recall@1"])
     assert [r["metric"] for r in csv.DictReader(open(tmp_path / "ablation.csv"))] == ["flickr/text_retrieval_recall@1"]
+    assert not (tmp_path / "ablation_p.png").exists()  # avg learns no exponent
     with pytest.raises(UserError, match="acc5"):
         write_summary(runs, tmp_path, metrics=["acc5"])
 

@@ -103,3 +103,39 @@ def test_the_recipe_trains_and_evaluates_on_flickr8k(few_rows: tuple[Path, list[
     final = {key: value for record in records for key, value in record.items()}
     assert {f"eval/test/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)} <= set(final)
     assert len([key for key in final if key.startswith("train/pool_p/group_")]) == 6
+
+
+def test_keyword_classes_come_from_captions_of_held_out_images(tmp_path: Path) -> None:
+    """launch/flickr8k_keywords.py: an image is in a class folder exactly when 3 or more of its captions name
+    that class and no other class; only val and test images are used; the folder is a `data classes` input."""
+    import re
+    import runpy
+    import subprocess
+    import sys
+
+    out = tmp_path / "keywords"
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "flickr8k_keywords.py"), "--flickr8k", str(FLICKR),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    keywords = runpy.run_path(str(ROOT / "launch" / "flickr8k_keywords.py"))["KEYWORDS"]
+    with open(FLICKR / "captions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    captions: dict[str, list[str]] = {}
+    for row in rows:
+        if row["split"] in ("val", "test"):
+            captions.setdefault(row["image"], []).append(row["caption"].lower())
+
+    def naming(words: tuple[str, ...], texts: list[str]) -> int:
+        return sum(any(re.search(rf"\b{re.escape(word)}\b", text) for word in words) for text in texts)
+
+    expected = {}
+    for image, texts in captions.items():
+        named = [name for name, words in keywords.items() if naming(words, texts) >= 3]
+        if len(named) == 1:
+            expected[image] = named[0]
+    found = {link.name: folder.name for folder in out.iterdir() for link in folder.iterdir()}
+    assert found == expected and len(found) > 500
+    assert all((out / name / image).resolve() == (FLICKR / "images" / image).resolve() for image, name in found.items())
+    assert f"{len(expected)} images from {len(captions)} in splits ['test', 'val']" in result.stdout
+    assert run_cli(["data", "classes", "--images", str(out), "--out", str(tmp_path / "set")]) == 0
+    assert (tmp_path / "set" / "classnames.txt").read_text().splitlines() == sorted(set(found.values()))

@@ -71,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     write_summary(runs, args.output_dir, baselines, metrics)
     print((args.output_dir / "ablation.md").read_text())
-    print(f"wrote {args.output_dir / 'ablation.md'}, {args.output_dir / 'ablation.csv'}, "
-          f"{args.output_dir / 'ablation.png'}")
+    written = [args.output_dir / name for name in ("ablation.md", "ablation.csv", "ablation.png", "ablation_p.png")]
+    print("wrote " + ", ".join(str(path) for path in written if path.is_file()))
     return 0
