@@ -33,9 +33,10 @@ def step_runners(args: argparse.Namespace, work: Path) -> dict[str, Callable[[],
     from mmggem.config import load_config
     from mmggem.loss import build_loss
     from mmggem.model import get_tokenizer
+    from mmggem.model_from_config import model_from_config
     from mmggem.nonfinite import NonFiniteSteps, optimizer_step
     from mmggem.optim import build_optimizer
-    from mmggem.train import build_model, train_step
+    from mmggem.train import train_step
 
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=MMGGEM_PRECISION[args.precision])
@@ -43,7 +44,7 @@ def step_runners(args: argparse.Namespace, work: Path) -> dict[str, Callable[[],
     for pooling in POOLINGS:
         cfg = load_config(write_config(args, work / f"paired-{pooling}", pooling))
         torch.manual_seed(0)
-        model = build_model(cfg).to(accelerator.device)
+        model = model_from_config(cfg).to(accelerator.device)
         optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
                                     cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
         size = model.visual.image_size[0]

@@ -68,11 +68,11 @@ def count_train_flops(args: argparse.Namespace, work: Path, pooling: str = "cls"
     from mmggem.config import load_config
     from mmggem.loss import build_loss
     from mmggem.model import get_tokenizer
-    from mmggem.train import build_model
+    from mmggem.model_from_config import model_from_config
 
     cfg = load_config(write_config(args, work / f"flops-{pooling}", pooling))
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = model_from_config(cfg)
     size = model.visual.image_size[0]
     images = torch.empty(args.batch_size, 3, size, size, device="meta")
     texts = get_tokenizer(model)([f"a photo of item {i}" for i in range(args.batch_size)]).to("meta")

@@ -35,8 +35,9 @@ from benchlib import median_with_interval  # noqa: E402
 from mmggem.config import RunConfig, load_config  # noqa: E402
 from mmggem.loss import build_loss  # noqa: E402
 from mmggem.model import get_tokenizer  # noqa: E402
+from mmggem.model_from_config import model_from_config  # noqa: E402
 from mmggem.optim import build_optimizer  # noqa: E402
-from mmggem.train import build_model, train_step  # noqa: E402
+from mmggem.train import train_step  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -56,7 +57,7 @@ def fixed_batch_step(accelerator: Accelerator, cfg: RunConfig,
     """The model of ``cfg`` and a function timing one training step of it on ``batch_size`` fixed random
     images and the token batch it is given."""
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = model_from_config(cfg).train()
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas),
                                 cfg.train.adam_eps, cfg.train.pool_p_lr_mult)
     loss_fn = build_loss("clip")

@@ -41,7 +41,7 @@ from mmggem.config import load_config  # noqa: E402
 from mmggem.loss import build_loss  # noqa: E402
 from mmggem.model import get_tokenizer  # noqa: E402
 from mmggem.text_length import text_trim  # noqa: E402
-from mmggem.train import build_model  # noqa: E402
+from mmggem.model_from_config import model_from_config  # noqa: E402
 
 WORDS = ("a photo of the man woman dog red blue city street beach old young house tree car "
          "at in on with under near small large view young girl boy sitting standing").split()
@@ -82,7 +82,7 @@ def step_flops(model_name: str, batch_size: int, texts: torch.Tensor) -> int:
     """FLOPs of one forward and backward of the batch (both towers and the loss), as bench_train counts them
     (pooling ``cls``: the poolers add no matrix products, and GGeM's autocast switch fails on meta)."""
     with torch.device("meta"):
-        model = build_model(load_config(DEMO_CONFIG, [f"model.name={model_name}", "model.pooling=cls"]))
+        model = model_from_config(load_config(DEMO_CONFIG, [f"model.name={model_name}", "model.pooling=cls"]))
     size = model.visual.image_size[0]
     images = torch.empty(batch_size, 3, size, size, device="meta")
     counter = FlopCounterMode(display=False)

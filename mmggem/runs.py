@@ -5,7 +5,7 @@ model folder written by :func:`mmggem.save_model` when training ends) and ``chec
 (accelerate's training state). A checkpoint's weights are accelerate's ``model.safetensors``, or
 under FSDP a ``pytorch_model_fsdp_0/`` folder of torch.distributed.checkpoint shards, which
 torch's ``dcp_to_torch_save`` reads in one process whatever the number of processes that wrote it.
-The run's config says how to build the model they load into.
+The run's config says how to build the model they load into (:mod:`mmggem.model_from_config`).
 
 :func:`locate` says what a path is; :func:`load_source` gives the model. Evaluation
 (``mmggem eval --checkpoint``) and ``mmggem export`` both go through here, so a checkpoint
@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from .checkpoint import STATE_FILE, list_checkpoints
+from .config import load_config
 from .errors import MissingPathError, UserError
+from .hub import CONFIG_FILE
+from .model import get_tokenizer, image_transform, load
+from .model_from_config import model_from_config
 
 RUN_CONFIG = "config.yaml"
 """The resolved run config the trainer writes into ``OUTPUT_DIR``."""
@@ -64,8 +68,6 @@ def locate(path: str | Path) -> ModelSource:
     Raises MissingPathError when it is none of them, and UserError for a run without ``final/``
     or a checkpoint outside its run.
     """
-    from .hub import CONFIG_FILE
-
     path = Path(path).resolve()
     if not path.is_dir():
         raise MissingPathError(f"model not found: {path}")
@@ -102,21 +104,14 @@ def run_checkpoints(run_dir: str | Path) -> list[ModelSource]:
 
 def _final_step(run_dir: Path) -> int:
     """``final/`` is written when training reaches ``train.steps``."""
-    from .config import load_config
-
     return load_config(run_dir / RUN_CONFIG).train.steps
 
 
 def load_source(source: ModelSource) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
     """``(model, preprocess, tokenizer)`` of ``source``, the model in eval mode, as :func:`mmggem.load` gives."""
-    from .model import get_tokenizer, image_transform, load
-
     if not source.is_checkpoint:
         return load(source.path)
-    from .config import load_config
-    from .train import build_model
-
-    model = build_model(load_config(source.run_dir / RUN_CONFIG), load_pretrained=False)
+    model = model_from_config(load_config(source.run_dir / RUN_CONFIG), load_pretrained=False)
     weights = checkpoint_weights(source.path)
     shapes = {name: value.shape for name, value in model.state_dict().items()}
     try:  # FSDP trains 0-dim parameters as shape [1] (mmggem.fsdp.vectorize_scalar_parameters)

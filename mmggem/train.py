@@ -1,10 +1,11 @@
 """The training loop: accelerate, all-process contrastive loss, exact resume.
 
-Read top to bottom: :func:`train` builds the pieces from the typed config,
-restores a checkpoint when asked, then runs :func:`train_step` until
+Read top to bottom: :func:`train` builds the pieces from the typed config and
+restores a checkpoint when asked (``_start_run``; the model itself comes from
+:mod:`mmggem.model_from_config`), then ``_Run.loop`` runs :func:`train_step` until
 ``train.steps`` (or an earlier stop, see :mod:`mmggem.stopping`), logging,
-checkpointing and evaluating on the way, and finally exports ``OUTPUT_DIR/final``
-in the format :func:`mmggem.load` reads.
+checkpointing and evaluating on the way, and finally ``_Run.evaluate_and_export``
+evaluates the model and exports ``OUTPUT_DIR/final`` in the format :func:`mmggem.load` reads.
 
 Batches: ``train.batch_size`` images per process and optimizer step, split into
 ``train.accum_steps`` micro-batches that are each scored against the features of
@@ -14,7 +15,6 @@ accumulation changes memory use, not the loss.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -36,7 +36,8 @@ from .evaluate.results import EvalResult
 from .fsdp import (enable_fsdp_on_cpu, is_fsdp, plain_model, sharding_summary,
                    vectorize_scalar_parameters)
 from .loss import build_loss, clamp_logit_scale_, micro_batch_loss
-from .model import create_model, get_tokenizer, image_transform, lock_towers, save_model
+from .model import get_tokenizer, image_transform, save_model
+from .model_from_config import model_from_config
 from .nonfinite import NonFiniteSteps, optimizer_step
 from .optim import build_optimizer, cosine_schedule
 from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
@@ -94,30 +95,6 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
         accelerator.print(note)
     accelerator.print(describe_precision(accelerator, cfg.train.precision))
     return accelerator
-
-
-def build_model(cfg: RunConfig, load_pretrained: bool = True) -> torch.nn.Module:
-    """The model ``cfg.model`` describes, with its pretrained weights (unless ``load_pretrained`` is
-    false: a shell to load a checkpoint into) and its towers locked as configured."""
-    vision_cfg = {"final_ln_after_pool": cfg.model.final_ln_after_pool}
-    if cfg.model.patch_dropout:  # FLIP (Li et al. 2023): open_clip drops this fraction of patch tokens in training
-        vision_cfg["patch_dropout"] = cfg.model.patch_dropout
-    overrides: dict[str, Any] = {"vision_cfg": vision_cfg}
-    if cfg.train.loss == "siglip":  # SigLIP's initial temperature and bias (Zhai et al. 2023, Sec. 3.2)
-        overrides.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
-    model = create_model(
-        cfg.model.name,
-        pooling=cfg.model.pooling,
-        pooling_kwargs=cfg.model.pooling_kwargs,
-        text_tower=cfg.model.text_tower or None,
-        pretrained=(cfg.model.pretrained or None) if load_pretrained else None,
-        cache_dir=cfg.model.cache_dir or None,
-        **overrides,
-    )
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups, cfg.model.lock_text,
-                cfg.model.lock_text_unlocked_layers, cfg.model.lock_pooler)
-    return model
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
@@ -180,7 +157,29 @@ def restore_data_position(loader: TrainLoader, checkpoint: Path, saved_world_siz
 
 
 def train(cfg: RunConfig) -> TrainOutcome:
-    """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it)."""
+    """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it).
+
+    Three steps: build the run (resumed from a checkpoint when asked), train it, and, unless it
+    stopped early, evaluate the final model and export it to ``OUTPUT_DIR/final``.
+    """
+    run = _start_run(cfg)
+    try:
+        with run.stop.catching_signals():
+            outcome = run.loop()
+            if outcome.stopped_by is None:
+                outcome.evaluations, outcome.final = run.evaluate_and_export()
+            return outcome
+    finally:
+        run.stop.close()
+        run.run_log.finish()
+
+
+def _start_run(cfg: RunConfig) -> _Run:
+    """Every piece of the run ``cfg`` describes, restored from a checkpoint when ``train.resume`` says so.
+
+    The order fixes the randomness: the model is built under the run's seed (the same initial
+    weights on every process), everything after it under a per-process seed.
+    """
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg)
     if cfg.train.threads:
@@ -193,7 +192,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
         save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     accelerator.print(parameter_summary(model))
     set_seed(cfg.seed, device_specific=True)  # per-process randomness from here on
     if is_fsdp(accelerator):
@@ -233,19 +232,14 @@ def train(cfg: RunConfig) -> TrainOutcome:
     if approximate:
         run_log.log({"data/resumed_approximately": 1}, state.step)
     stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
-    run = _Run(cfg, accelerator, model, optimizer, scheduler, loss_fn, loader, DeviceNormalizer(normalization,
-               accelerator.device), tokenizer, run_log, stop, state)
-    try:
-        with stop.catching_signals():
-            return run.loop()
-    finally:
-        stop.close()
-        run_log.finish()
+    return _Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                loss_fn=loss_fn, loader=loader, normalizer=DeviceNormalizer(normalization, accelerator.device),
+                tokenizer=tokenizer, run_log=run_log, stop=stop, state=state)
 
 
 @dataclass
 class _Run:
-    """The pieces of one training run, and the loop over its steps."""
+    """The pieces of one training run (built by ``_start_run``), the loop over its steps and its end."""
 
     cfg: RunConfig
     accelerator: Accelerator
@@ -319,19 +313,23 @@ class _Run:
         finally:
             progress.close()
         outcome.step = state.step
-        if cfg.eval.datasets:
-            outcome.evaluations = self._evaluate()
-        exported = plain_model(accelerator, self.model, lambda: build_model(cfg, load_pretrained=False))
-        if accelerator.is_main_process:
-            outcome.final = save_model(exported, Path(cfg.output_dir) / "final")
-        accelerator.wait_for_everyone()
-        accelerator.print(f"trained {state.step} steps; model saved to {Path(cfg.output_dir) / 'final'}")
         return outcome
+
+    def evaluate_and_export(self) -> tuple[list[EvalResult], Path | None]:
+        """The end of a run that reached ``train.steps``: evaluate on ``eval.datasets`` and save the model
+        to ``OUTPUT_DIR/final`` (collective); returns the evaluations and, on the main process, the folder."""
+        accelerator, final_dir = self.accelerator, Path(self.cfg.output_dir) / "final"
+        evaluations = self._evaluate() if self.cfg.eval.datasets else []
+        exported = plain_model(accelerator, self.model, self._shell)
+        final = save_model(exported, final_dir) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        accelerator.print(f"trained {self.state.step} steps; model saved to {final_dir}")
+        return evaluations, final
 
     def _log(self, metrics: dict[str, Any], unwrapped: torch.nn.Module) -> None:
         """Complete a log step's ``metrics`` with the counters and memory, and log them with the exponents."""
         metrics.update({
-            "train/epoch": self.loader.state_dict().get("epoch", 0),
+            "train/epoch": self.loader.epoch,
             "train/bad_steps": self.state.bad_steps,
             "perf/max_memory_gb": max_over_processes(peak_memory_gb(self.accelerator.device), self.accelerator),
             "data/skipped_samples": skipped_samples(self.loader, self.accelerator),
@@ -346,7 +344,12 @@ class _Run:
 
     def _evaluate(self) -> list[EvalResult]:
         return run_evaluation(self.cfg, self.model, self.accelerator, self.tokenizer, self.loss_fn, self.run_log,
-                              self.state.step, lambda: build_model(self.cfg, load_pretrained=False))
+                              self.state.step, self._shell)
+
+    def _shell(self) -> torch.nn.Module:
+        """A new model of the run's architecture, without pretrained weights: what an FSDP-sharded model
+        is gathered into for evaluation and export (:func:`mmggem.fsdp.plain_model`)."""
+        return model_from_config(self.cfg, load_pretrained=False)
 
     def _read_nonfinite(self, nonfinite: NonFiniteSteps) -> None:
         """Bring the device counters into ``state``; stop the run after ``train.max_bad_steps`` in a row."""

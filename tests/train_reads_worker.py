@@ -24,11 +24,11 @@ from mmggem.config import load_config
 def main(out: str, config: str, *overrides: str) -> None:
     cfg = load_config(config, overrides)
     counter = HostReads()
-    real_train_step, real_build_model = trainer.train_step, trainer.build_model
+    real_train_step, real_model_from_config = trainer.train_step, trainer.model_from_config
     built: list[float] = []
 
-    def recorded_build_model(*args, **kwargs):
-        model = real_build_model(*args, **kwargs)
+    def recorded_model_from_config(*args, **kwargs):
+        model = real_model_from_config(*args, **kwargs)
         built.append(sum(float(p.double().sum()) + float(p.double().square().sum()) for p in model.parameters()))
         return model
 
@@ -36,7 +36,7 @@ def main(out: str, config: str, *overrides: str) -> None:
         counter.step += 1
         return real_train_step(*args, **kwargs)
 
-    trainer.train_step, trainer.build_model = counted_train_step, recorded_build_model
+    trainer.train_step, trainer.model_from_config = counted_train_step, recorded_model_from_config
     if os.environ.get("INJECT_PER_STEP_READ") == "1":
         real_optimizer_step = trainer.optimizer_step
 
