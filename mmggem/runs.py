@@ -5,7 +5,9 @@ model folder written by :func:`mmggem.save_model` when training ends) and ``chec
 (accelerate's training state). A checkpoint's weights are accelerate's ``model.safetensors``, or
 under FSDP a ``pytorch_model_fsdp_0/`` folder of torch.distributed.checkpoint shards, which
 torch's ``dcp_to_torch_save`` reads in one process whatever the number of processes that wrote it.
-The run's config says how to build the model they load into (:mod:`mmggem.model_from_config`).
+The run's config says how to build the model they load into (:mod:`mmggem.model_from_config`),
+and the checkpoint is checked against its manifest (:mod:`mmggem.manifest`) before it is read, so
+a damaged weights file is one error naming it rather than a model that silently differs.
 
 :func:`locate` says what a path is; :func:`load_source` gives the model. Evaluation
 (``mmggem eval --checkpoint``) and ``mmggem export`` both go through here, so a checkpoint
@@ -26,6 +28,7 @@ from .checkpoint import STATE_FILE, list_checkpoints
 from .config import load_config
 from .errors import MissingPathError, UserError
 from .hub import CONFIG_FILE
+from .manifest import verify_manifest
 from .model import get_tokenizer, image_transform, load
 from .model_from_config import model_from_config
 
@@ -111,6 +114,7 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Callable[[Any], torch.T
     """``(model, preprocess, tokenizer)`` of ``source``, the model in eval mode, as :func:`mmggem.load` gives."""
     if not source.is_checkpoint:
         return load(source.path)
+    verify_manifest(source.path)  # damage is one line naming the file, not weights silently wrong
     model = model_from_config(load_config(source.run_dir / RUN_CONFIG), load_pretrained=False)
     weights = checkpoint_weights(source.path)
     shapes = {name: value.shape for name, value in model.state_dict().items()}

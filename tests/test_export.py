@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -94,3 +95,33 @@ def test_export_refuses_a_folder_that_is_not_empty(checkpointed_run: Path, tmp_p
     assert cli_main(["export", str(checkpointed_run), str(tmp_path)]) == 1
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused_by_export_and_eval(
+    checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One bit of the weights flipped where safetensors still reads them: without the manifest check
+    the export and the evaluation would be of a silently different model."""
+    zeroshot, _ = small_eval_sets
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_00000002"
+    shutil.copytree(checkpointed_run / "checkpoints" / checkpoint.name, checkpoint)
+    shutil.copy(checkpointed_run / "config.yaml", run / "config.yaml")
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    damaged, original = load_file(str(weights)), load_file(str(checkpointed_run / "checkpoints" / checkpoint.name /
+                                                                weights.name))
+    assert damaged.keys() == original.keys()  # still a readable file of the same tensors, one of them changed
+    assert sum(not torch.equal(damaged[key], original[key]) for key in original) == 1
+    expected = f"error: {weights.resolve()}: content differs from the manifest"
+
+    assert cli_main(["export", str(checkpoint), str(tmp_path / "exported")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"mmggem export: {expected}") and line.endswith("changed after it was written")
+    assert not (tmp_path / "exported").exists()
+    assert evaluate(checkpoint, zeroshot, tmp_path / "results") == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"mmggem eval: {expected}")
+    assert not (tmp_path / "results").exists()
