@@ -152,20 +152,20 @@ def test_ablation_refuses_unknown_poolings_bad_variants_and_baselines(tmp_path: 
 
 
 def test_same_seed_runs_share_all_but_the_pooler_and_draw_the_same_data(train_shards: str) -> None:
-    """The trainer's order: set_seed, build_model, set_seed(device_specific), then the loader and its
+    """The trainer's order: set_seed, model_from_config, set_seed(device_specific), then the loader and its
     random augmentation. attn draws random weights, ggem none: the strongest pair to compare."""
     from accelerate.utils import set_seed
 
     from mmggem.config import load_config
     from mmggem.data.loader import TrainLoader
     from mmggem.model import get_tokenizer, image_transform
-    from mmggem.train import build_model
+    from mmggem.model_from_config import model_from_config
 
     def first_draws(pooling: str) -> tuple[dict, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.pooling={pooling}", "seed=3",
                                                            "data.augment={scale: [0.5, 1.0]}"])
         set_seed(cfg.seed)
-        model = build_model(cfg)
+        model = model_from_config(cfg)
         after_model = torch.get_rng_state()
         set_seed(cfg.seed)  # the trainer's set_seed(seed, device_specific=True) on process 0
         loader = TrainLoader(train_shards, transform=image_transform(model, is_train=True, augment=cfg.data.augment),
