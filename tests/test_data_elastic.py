@@ -96,3 +96,27 @@ def test_another_shard_list_is_refused_unless_accepted(spec: str, tmp_path: Path
     resumed = elastic.resume_approximately(saved, setup, accept_changed_shards=True)
     assert resumed.state.override is not None and resumed.state.override.urls == setup.urls  # dealt from all 7
     assert "with the 7 of 7 shards" in resumed.warning
+
+
+def test_one_process_checkpoint_continues_on_two_ranks_with_the_shards_not_read_to_the_end(spec: str) -> None:
+    """The other way round (1 -> 2 processes), whose end-to-end test (test_train.py) runs in resampled mode."""
+    old = make_loader(spec, **{**OLD, "world_size": 1})  # one rank with one worker
+    seen = {caption for batch in captions_of(take(old, 4)) for caption in batch}  # its first shard, 3 of the next
+    saved = [json.loads(json.dumps(old.state_dict()))]
+    read_out = {shard for shard in range(8) if all(f"sample {shard * PER_SHARD + i}" in seen for i in range(5))}
+    assert len(seen) == 8 and len(read_out) == 1
+    new = {**NEW, "world_size": 2, "num_workers": 1}
+    ranks = [make_loader(spec, **new, rank=rank) for rank in (0, 1)]
+    left = (40 - 4 * 2) // (3 * 2)  # batches per rank
+    for loader in ranks:
+        assert f"epoch 0 continues for its remaining {left} batches with the {8 - len(read_out)} of 8 shards" in \
+            loader.resume_approximately(saved)
+    rests = [captions_of(loader) for loader in ranks]
+    assert [len(rest) for rest in rests] == [left, left] and all(loader.epoch == 1 for loader in ranks)
+    dealt = [caption for rest in rests for batch in rest for caption in batch]
+    assert len(dealt) == len(set(dealt)) == 2 * left * 3  # the ranks share no sample
+    assert not {shard_of(caption) for caption in dealt} & read_out
+    fresh = [make_loader(spec, **new, rank=rank) for rank in (0, 1)]
+    for loader, again in zip(ranks, fresh):
+        captions_of(again)
+        assert captions_of(loader) == captions_of(again)  # epoch 1 is a whole one, as if never interrupted
