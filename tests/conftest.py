@@ -17,6 +17,7 @@ from PIL import Image
 
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def colour_caption(shard: int, label: int) -> str:
@@ -122,6 +123,65 @@ def spawn_ranks(*args: str, processes: int = 2, command: tuple[str, ...] = (PYTH
                                                 MASTER_PORT=port))
         for rank in range(processes)
     ]
+
+
+def train_args(shards: str, output_dir: Path, *overrides: str) -> list[str]:
+    """`mmggem train` of configs/demo.yaml shortened to 8 steps of 8 samples on ``shards``; ``overrides`` win."""
+    return ["train", str(ROOT / "configs" / "demo.yaml"), f"output_dir={output_dir}", f"data.train={shards}",
+            "train.batch_size=8", "train.steps=8", "train.warmup_steps=2", "train.checkpoint_every=100",
+            "log.every=1", "log.progress=false", "data.workers=1", "data.shuffle_buffer=40", "train.threads=1",
+            *overrides]
+
+
+def ok(result: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def evaluations(output_dir: Path) -> dict[tuple[int, str], float]:
+    """Every evaluation metric a run logged in its results.jsonl, by (step, key)."""
+    records = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+    return {(record["step"], key): value for record in records for key, value in record.items()
+            if key.startswith("eval/")}
+
+
+# The uninterrupted runs that several tests compare theirs with: each is trained once per session.
+ONE_PROCESS_STEPS = 12
+ONE_PROCESS_ARGS = (f"train.steps={ONE_PROCESS_STEPS}", "train.checkpoint_every=3", "train.keep_checkpoints=2",
+                    "log.wandb=offline")
+
+
+@pytest.fixture(scope="session")
+def one_process_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory
+                    ) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 12-step run in one process (checkpoints every 3 steps, the last 2 kept; wandb offline), and how it ended.
+
+    Long enough for a test to signal or kill a run of the same arguments mid-way; checkpointing and
+    logging do not change what a run computes, so its stopped and resumed twins must equal it.
+    """
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    return out, ok(run_cli(*train_args(train_shards, out, *ONE_PROCESS_ARGS)))
+
+
+def two_process_args(shards: str, eval_set: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """6 steps evaluated on ``eval_set`` at steps 3 and 6: the arguments of ``two_process_run``."""
+    return train_args(shards, output_dir, "train.steps=6", "eval.every=3", f"eval.datasets=[{eval_set}]", *overrides)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(train_shards: str, small_eval_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+                    ) -> Path:
+    """A 6-step DDP run on 2 real processes, evaluated at steps 3 and 6: what the 2-process runs of the
+    resume, FSDP and multi-node tests are compared with.
+
+    Launched with the shipped launch/accelerate/cpu_2proc.yaml (what test_launch_configs checks of that
+    config, it checks on this run); the launch's output is in ``stdout.txt`` beside the run folder.
+    """
+    out = tmp_path_factory.mktemp("two_process") / "run"
+    result = ok(launch_config(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml",
+                              *two_process_args(train_shards, small_eval_sets[0], out), processes=2))
+    (out.parent / "stdout.txt").write_text(result.stdout)
+    return out
 
 
 @pytest.fixture(scope="session")

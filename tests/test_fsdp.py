@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_cli, launch_config
+from conftest import evaluations, launch_config, ok, two_process_args
 from safetensors.torch import load_file
 from test_evaluate_runs import assert_close_metrics, evaluate, logged_evaluation
-from test_train import assert_same_run, losses, ok, train_args
+from test_train import assert_same_run, losses
 
 import mmggem
 from mmggem.cli import main as cli_main
@@ -31,29 +31,20 @@ def fsdp_cli(*args: str) -> subprocess.CompletedProcess:
     return launch_config(ROOT / "launch" / "accelerate" / "fsdp.yaml", *args, "train.precision=no", processes=2)
 
 
-def evaluations(output_dir: Path) -> dict[str, float]:
-    records = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
-    return {key: value for record in records for key, value in record.items() if key.startswith("eval/")}
-
-
-def run_args(shards: str, eval_set: Path, out: Path, *more: str) -> list[str]:
-    return train_args(shards, out, "train.steps=6", "eval.every=3", f"eval.datasets=[{eval_set}]", *more)
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(train_shards: str, small_eval_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
              ) -> tuple[Path, subprocess.CompletedProcess]:
-    """One 6-step FSDP run on 2 processes (a sharded checkpoint at step 6), and how its launch ended."""
+    """One 6-step FSDP run on 2 processes (a sharded checkpoint at step 6) with the arguments of conftest's
+    ``two_process_run`` (the DDP run it must equal), and how its launch ended."""
     out = tmp_path_factory.mktemp("fsdp") / "fsdp"
-    return out, ok(fsdp_cli(*run_args(train_shards, small_eval_sets[0], out)))
+    return out, ok(fsdp_cli(*two_process_args(train_shards, small_eval_sets[0], out)))
 
 
 def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, small_eval_sets: tuple[Path, Path],
                                                          fsdp_run: tuple[Path, subprocess.CompletedProcess],
-                                                         tmp_path: Path) -> None:
+                                                         two_process_run: Path, tmp_path: Path) -> None:
     zeroshot, _ = small_eval_sets
-    args = lambda out, *more: run_args(train_shards, zeroshot, out, *more)  # noqa: E731
-    ok(accelerate_cli(*args(tmp_path / "ddp")))
+    args = lambda out, *more: two_process_args(train_shards, zeroshot, out, *more)  # noqa: E731
     whole, result = fsdp_run
     assert "precision: train.precision=no wins over the launcher's bf16" in result.stdout
     summary = re.search(r"model: ([\d,]+) parameter elements; FSDP2: (\d+) of (\d+) parameters are DTensors sharded "
@@ -64,9 +55,9 @@ def test_fsdp_shards_trains_like_ddp_resumes_and_exports(train_shards: str, smal
     shards = sorted(p.name for p in (whole / "checkpoints" / "step_00000006").glob("pytorch_model_fsdp_0/*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
-    assert_same_run(tmp_path / "ddp", whole, atol=1e-5)
-    ddp_eval, fsdp_eval = evaluations(tmp_path / "ddp"), evaluations(whole)
-    assert set(ddp_eval) == set(fsdp_eval) and len(ddp_eval) >= 3
+    assert_same_run(two_process_run, whole, atol=1e-5)
+    ddp_eval, fsdp_eval = evaluations(two_process_run), evaluations(whole)
+    assert set(ddp_eval) == set(fsdp_eval) and {step for step, _ in ddp_eval} == {3, 6} and len(ddp_eval) >= 6
     assert all(abs(ddp_eval[key] - fsdp_eval[key]) <= 1e-5 for key in ddp_eval)
 
     split = tmp_path / "split"

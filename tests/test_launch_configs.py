@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ACCELERATE, cpu_env, free_port, launch_config
-from test_train import assert_same_run, losses, ok, train_args
+from conftest import ACCELERATE, cpu_env, evaluations, free_port, launch_config, ok, train_args, two_process_args
+from test_train import assert_same_run, losses
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "launch" / "accelerate"
@@ -34,20 +34,29 @@ def recorded_precision(out: Path) -> tuple[set[str], str]:
     return noted, config["train"]["precision"]
 
 
+def assert_trained_in_precision(config: str, out: Path, stdout: str, precision: str, steps: int, world: int) -> None:
+    """``out``, launched with ``config``, trained ``steps`` steps on ``world`` processes in the config's precision."""
+    assert yaml.safe_load((CONFIGS / config).read_text())["mixed_precision"] == precision
+    assert f"precision: {precision} (" in stdout and "set by the launcher" in stdout
+    assert recorded_precision(out) == ({precision}, precision)
+    assert len(losses(out)) == steps and (out / "final" / "open_clip_model.safetensors").is_file()
+    state = (out / "checkpoints" / f"step_{steps:08d}" / "trainer_state.json").read_text()
+    assert f'"world_size": {world}' in state
+
+
 @pytest.mark.parametrize(("config", "processes", "precision"), [("1gpu.yaml", None, "bf16"),
-                                                                ("8gpu_ddp.yaml", 2, "bf16"),
-                                                                ("cpu_2proc.yaml", 2, "no")])
+                                                                ("8gpu_ddp.yaml", 2, "bf16")])
 def test_single_node_configs_train_in_their_precision(train_shards: str, tmp_path: Path, config: str,
                                                       processes: int | None, precision: str) -> None:
     out = tmp_path / "run"
     result = ok(launch_config(CONFIGS / config, *train_args(train_shards, out, "train.steps=2"), processes=processes))
-    assert yaml.safe_load((CONFIGS / config).read_text())["mixed_precision"] == precision
-    assert f"precision: {precision} (" in result.stdout and "set by the launcher" in result.stdout
-    assert recorded_precision(out) == ({precision}, precision)
-    assert len(losses(out)) == 2 and (out / "final" / "open_clip_model.safetensors").is_file()
-    world = processes or 1
-    state = (out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text()
-    assert f'"world_size": {world}' in state
+    assert_trained_in_precision(config, out, result.stdout, precision, steps=2, world=processes or 1)
+
+
+def test_the_cpu_config_trains_in_its_precision(two_process_run: Path) -> None:
+    """cpu_2proc.yaml launches conftest's ``two_process_run``: 6 steps on 2 processes, in fp32."""
+    stdout = (two_process_run.parent / "stdout.txt").read_text()
+    assert_trained_in_precision("cpu_2proc.yaml", two_process_run, stdout, "no", steps=6, world=2)
 
 
 def test_an_explicit_precision_wins_over_the_launch_config(train_shards: str, tmp_path: Path) -> None:
@@ -59,10 +68,13 @@ def test_an_explicit_precision_wins_over_the_launch_config(train_shards: str, tm
     assert recorded_precision(out) == ({"bf16"}, "bf16")
 
 
-def test_multinode_config_runs_as_two_machines_checkpoints_and_resumes(train_shards: str, tmp_path: Path) -> None:
+def test_multinode_config_runs_as_two_machines_checkpoints_and_resumes(
+        train_shards: str, small_eval_sets: tuple[Path, Path], two_process_run: Path, tmp_path: Path) -> None:
+    """Stopped and resumed as two machines, the run equals conftest's ``two_process_run``: the same
+    6 steps (evaluated at steps 3 and 6) on one machine of 2 processes."""
     def two_machines(out: Path, *overrides: str) -> None:  # the config's bf16 reaches the run; train.precision wins
         port = str(free_port())
-        args = train_args(train_shards, out, "train.steps=6", "train.precision=no", *overrides)
+        args = two_process_args(train_shards, small_eval_sets[0], out, "train.precision=no", *overrides)
         machines = [subprocess.Popen(
             [ACCELERATE, "launch", "--config_file", str(CONFIGS / "multinode_ddp.yaml"), "--num_machines", "2",
              "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
@@ -74,11 +86,12 @@ def test_multinode_config_runs_as_two_machines_checkpoints_and_resumes(train_sha
             assert "precision: train.precision=no wins over the launcher's bf16" in output
         assert recorded_precision(out) == ({"no"}, "no")
 
-    reference = tmp_path / "whole"
-    two_machines(reference)
     split = tmp_path / "split"
     two_machines(split, "train.stop_at_step=3")
     assert (split / "checkpoints" / "step_00000003" / "trainer_state.json").is_file()
     assert '"world_size": 2' in (split / "checkpoints" / "step_00000003" / "trainer_state.json").read_text()
     two_machines(split, "train.resume=latest")
-    assert_same_run(reference, split)
+    assert_same_run(two_process_run, split)
+    whole, resumed = evaluations(two_process_run), evaluations(split)
+    assert set(resumed) == set(whole) and {step for step, _ in whole} == {3, 6}
+    assert all(abs(resumed[key] - whole[key]) <= 1e-5 for key in whole)

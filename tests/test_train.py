@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_cli, cpu_env, run_cli, spawn_ranks, PYTHON
+from conftest import (ONE_PROCESS_ARGS, ONE_PROCESS_STEPS, PYTHON, accelerate_cli, cpu_env, evaluations, ok,
+                      run_cli, spawn_ranks, train_args, two_process_args)
 from safetensors.torch import load_file
 
 import mmggem
 from mmggem.stopping import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def train_args(shards: str, output_dir: Path, *overrides: str) -> list[str]:
-    return ["train", str(ROOT / "configs" / "demo.yaml"), f"output_dir={output_dir}", f"data.train={shards}",
-            "train.batch_size=8", "train.steps=8", "train.warmup_steps=2", "train.checkpoint_every=100",
-            "log.every=1", "log.progress=false", "data.workers=1", "data.shuffle_buffer=40", "train.threads=1",
-            *overrides]
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -42,64 +36,80 @@ def assert_same_run(first: Path, second: Path, atol: float = 1e-5) -> None:
     assert max((a[key] - b[key]).abs().max().item() for key in a) <= atol
 
 
-def ok(result: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
-    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def test_one_process_run_logs_checkpoints_and_exports(train_shards: str, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = ok(run_cli(*train_args(train_shards, out, "train.checkpoint_every=3", "train.keep_checkpoints=2")))
+def test_one_process_run_logs_checkpoints_and_exports(
+        one_process_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, result = one_process_run
     assert f"model saved to {out / 'final'}" in result.stdout
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(1, ONE_PROCESS_STEPS + 1))
     for key in ("train/loss", "train/grad_norm", "train/lr", "train/logit_scale", "perf/samples_per_s",
                 "perf/data_wait_s", "data/skipped_samples", *(f"train/pool_p/group_{g}" for g in range(6))):
         assert all(key in r for r in records), key
     assert records[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+    last = ONE_PROCESS_STEPS - ONE_PROCESS_STEPS % 3  # checkpoints every 3 steps, the last 2 kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{last - 3:08d}", f"step_{last:08d}"]
     assert (out / "config.yaml").read_text().count("pooling: ggem") == 1
     # no launcher and train.precision unset: fp32, said at start and recorded
     assert "precision: no (fp32; set by the default)" in result.stdout
     assert "precision: 'no'" in (out / "config.yaml").read_text() and records[0]["run/precision"] == "no"
     model, _, tokenizer = mmggem.load(out / "final")
     assert model.encode_text(tokenizer(["a photo of colour 2"])).shape == (1, 128)
+    # log.wandb=offline needs no network: wandb's own offline run file, and the id a resume continues
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (out / "wandb_run_id").is_file()
 
 
-def test_stop_at_step_then_resume_equals_one_run(train_shards: str, tmp_path: Path) -> None:
-    ok(run_cli(*train_args(train_shards, tmp_path / "whole")))
+def one_process(shards: str, output_dir: Path, *overrides: str) -> list[str]:
+    """The arguments of ``one_process_run`` (checkpointing aside) for another output folder."""
+    return train_args(shards, output_dir, f"train.steps={ONE_PROCESS_STEPS}", *overrides)
+
+
+def test_stop_at_step_then_resume_equals_one_run(train_shards: str, one_process_run: tuple[Path, object],
+                                                 tmp_path: Path) -> None:
     split = tmp_path / "split"
-    stopped = ok(run_cli(*train_args(train_shards, split, "train.stop_at_step=4")))
+    stopped = ok(run_cli(*one_process(train_shards, split, "train.stop_at_step=4")))
     assert "stopped at step 4 (stop_at_step)" in stopped.stdout
     assert not (split / "final").exists() and len(losses(split)) == 4
-    ok(run_cli(*train_args(train_shards, split, "train.resume=latest")))
-    assert_same_run(tmp_path / "whole", split)
+    ok(run_cli(*one_process(train_shards, split, "train.resume=latest")))
+    assert_same_run(one_process_run[0], split)
 
 
-def test_two_processes_stop_and_resume_equal_one_run(train_shards: str, tmp_path: Path) -> None:
-    ok(accelerate_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=6")))
+def test_two_processes_stop_and_resume_equal_one_run(train_shards: str, small_eval_sets: tuple[Path, Path],
+                                                     two_process_run: Path, tmp_path: Path) -> None:
     split = tmp_path / "split"
-    ok(accelerate_cli(*train_args(train_shards, split, "train.steps=6", "train.stop_at_step=3")))
-    ok(accelerate_cli(*train_args(train_shards, split, "train.steps=6", "train.resume=latest")))
-    assert_same_run(tmp_path / "whole", split)
+    ok(accelerate_cli(*two_process_args(train_shards, small_eval_sets[0], split, "train.stop_at_step=3")))
+    ok(accelerate_cli(*two_process_args(train_shards, small_eval_sets[0], split, "train.resume=latest")))
+    assert_same_run(two_process_run, split)
     state = json.loads((split / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["samples_seen"] == 6 * 8 * 2
+    # the evaluations of step 3 (before the stop) and step 6 (after the resume) are the uninterrupted run's
+    whole, resumed = evaluations(two_process_run), evaluations(split)
+    assert set(resumed) == set(whole) and {step for step, _ in whole} == {3, 6}
+    assert all(abs(resumed[key] - whole[key]) <= 1e-5 for key in whole)
 
 
-def test_accumulation_scores_against_the_whole_step(train_shards: str, tmp_path: Path) -> None:
-    ok(run_cli(*train_args(train_shards, tmp_path / "plain", "train.steps=4", "data.workers=0")))
-    ok(run_cli(*train_args(train_shards, tmp_path / "accum", "train.steps=4", "data.workers=0",
-                           "train.accum_steps=2")))
-    assert_same_run(tmp_path / "plain", tmp_path / "accum", atol=2e-5)
+PLAIN = ("train.steps=4", "data.workers=0")
 
 
-def test_compiled_model_trains_like_eager(train_shards: str, tmp_path: Path) -> None:
-    ok(run_cli(*train_args(train_shards, tmp_path / "eager", "train.steps=3", "data.workers=0")))
+@pytest.fixture(scope="module")
+def plain_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 eager steps without accumulation, loading in the main process: what accumulated and compiled runs equal."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    ok(run_cli(*train_args(train_shards, out, *PLAIN)))
+    return out
+
+
+def test_accumulation_scores_against_the_whole_step(train_shards: str, plain_run: Path, tmp_path: Path) -> None:
+    ok(run_cli(*train_args(train_shards, tmp_path / "accum", *PLAIN, "train.accum_steps=2")))
+    assert_same_run(plain_run, tmp_path / "accum", atol=2e-5)
+
+
+def test_compiled_model_trains_like_eager(train_shards: str, plain_run: Path, tmp_path: Path) -> None:
     inductor_cache = tmp_path / "inductor"
-    compiled = train_args(train_shards, tmp_path / "compiled", "train.steps=3", "data.workers=0", "model.compile=true")
+    compiled = train_args(train_shards, tmp_path / "compiled", *PLAIN, "model.compile=true")
     ok(run_cli(*compiled, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache)))
     assert any(path.is_file() for path in inductor_cache.rglob("*")), "model.compile=true compiled nothing"
-    assert_same_run(tmp_path / "eager", tmp_path / "compiled", atol=1e-4)
+    assert_same_run(plain_run, tmp_path / "compiled", atol=1e-4)
     model, _, _ = mmggem.load(tmp_path / "compiled" / "final")
     assert type(model.visual.pooler).__name__ == "GGeM"
 
@@ -115,10 +125,10 @@ def wait_for_steps(output_dir: Path, steps: int, processes: list[subprocess.Pope
     raise AssertionError(f"{results} did not reach {steps} steps")
 
 
-def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, tmp_path: Path) -> None:
-    ok(run_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=40")))
+def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, one_process_run: tuple[Path, object],
+                                                            tmp_path: Path) -> None:
     out = tmp_path / "signalled"
-    args = train_args(train_shards, out, "train.steps=40")
+    args = one_process(train_shards, out)
     process = subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], env=cpu_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     wait_for_steps(out, 3, [process])
@@ -126,14 +136,14 @@ def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, t
     output, _ = process.communicate(timeout=120)
     assert process.returncode == EXIT_REQUEUE, output[-2000:]
     stopped_at = len(losses(out))
-    assert 3 <= stopped_at < 40 and f"stopped at step {stopped_at} (signal)" in output
+    assert 3 <= stopped_at < ONE_PROCESS_STEPS and f"stopped at step {stopped_at} (signal)" in output
     assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    ok(run_cli(*train_args(train_shards, out, "train.steps=40", "train.resume=latest")))
-    assert_same_run(tmp_path / "whole", out)
+    ok(run_cli(*one_process(train_shards, out, "train.resume=latest")))
+    assert_same_run(one_process_run[0], out)
 
 
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(train_shards: str, tmp_path: Path) -> None:
-    args = lambda out, *more: train_args(train_shards, out, "train.steps=30", *more)  # noqa: E731
+    args = lambda out, *more: train_args(train_shards, out, "train.steps=12", *more)  # noqa: E731
     whole = spawn_ranks(*args(tmp_path / "whole"))
     assert [p.wait(timeout=300) for p in whole] == [0, 0], whole[0].stdout.read()[-2000:]
     out = tmp_path / "signalled"
@@ -149,10 +159,10 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(train_shards: str, tmp
     assert_same_run(tmp_path / "whole", out)
 
 
-def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(train_shards: str, tmp_path: Path) -> None:
-    ok(run_cli(*train_args(train_shards, tmp_path / "whole", "train.steps=30")))
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(
+        train_shards: str, one_process_run: tuple[Path, object], tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    args = train_args(train_shards, out, "train.steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    args = one_process(train_shards, out, "train.checkpoint_every=1", "train.keep_checkpoints=3")
     process = subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], env=cpu_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = out / "checkpoints"
@@ -164,9 +174,8 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(train_shards: s
     process.wait()
     complete = sorted(checkpoints.glob("step_*"))
     assert complete and all((c / "trainer_state.json").is_file() for c in complete)
-    ok(run_cli(*train_args(train_shards, out, "train.steps=30", "train.checkpoint_every=1",
-                           "train.resume=latest")))
-    assert_same_run(tmp_path / "whole", out)
+    ok(run_cli(*one_process(train_shards, out, "train.resume=latest")))
+    assert_same_run(one_process_run[0], out)
 
 
 def test_time_limit_checkpoints_and_exits_for_requeue(train_shards: str, tmp_path: Path) -> None:
@@ -177,24 +186,18 @@ def test_time_limit_checkpoints_and_exits_for_requeue(train_shards: str, tmp_pat
     assert (out / "checkpoints" / f"step_{step:08d}").is_dir() and step < 100000
 
 
-def test_existing_run_is_never_overwritten(train_shards: str, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    ok(run_cli(*train_args(train_shards, out, "train.steps=2")))
-    again = run_cli(*train_args(train_shards, out, "train.steps=2"))
+def test_existing_run_is_never_overwritten(train_shards: str, one_process_run: tuple[Path, object]) -> None:
+    out = one_process_run[0]
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    again = run_cli(*train_args(train_shards, out, *ONE_PROCESS_ARGS))
     assert again.returncode == 1 and "set train.resume=latest" in again.stderr
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
 
 
 def test_config_errors_fail_before_training(train_shards: str, tmp_path: Path) -> None:
     result = run_cli(*train_args(train_shards, tmp_path / "x", "train.optimiser=sgd"))
     assert result.returncode == 2 and "unknown key train.optimiser" in result.stderr
     assert not (tmp_path / "x").exists()
-
-
-def test_wandb_offline_needs_no_network(train_shards: str, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    ok(run_cli(*train_args(train_shards, out, "train.steps=3", "log.wandb=offline")))
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert (out / "wandb_run_id").is_file() and len(losses(out)) == 3
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_path: Path,
@@ -222,7 +225,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_
     with pytest.raises(trainer.TrainingDiverged, match=r"3 steps in a row .* last good checkpoint: .*step_00000004"):
         trainer.train(cfg)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["train/bad_steps"] for r in records] == [0, 0, 1, 1, 2, 3][: len(records)]
+    # steps 1-6 are logged, the sixth (the third bad one in a row) included; nothing after it
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/bad_steps"] for r in records] == [0, 0, 1, 1, 2, 3]
     assert (out / "checkpoints" / "step_00000004").is_dir()
 
 
@@ -230,27 +235,35 @@ def records(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("resampled", ["true", "false"])
+LAUNCH = {1: run_cli, 2: accelerate_cli}
+
+
+@pytest.mark.parametrize(("processes", "resampled"), [((2, 1), "false"), ((1, 2), "true")],
+                         ids=["2to1-epoch", "1to2-resampled"])
 def test_resume_on_another_number_of_processes_continues_the_epoch_approximately(
-        train_shards: str, tmp_path: Path, resampled: str) -> None:
+        train_shards: str, two_process_run: Path, tmp_path: Path, processes: tuple[int, int], resampled: str) -> None:
+    """The trainer's side of an elastic resume, each way and in each data mode once.
+
+    What the rest of the epoch holds, in both modes, is unit-tested in one process in test_data_elastic.py;
+    here the checkpoint of one process count resumes on the other, warns once and continues step,
+    epoch and schedule.
+    """
     args = lambda out, *more: train_args(train_shards, out, "train.steps=6", f"data.resampled={resampled}",  # noqa: E731
                                          *more)
-    reference = tmp_path / "two"
-    ok(accelerate_cli(*args(reference)))
-    for first, second, name in ((accelerate_cli, run_cli, "2to1"), (run_cli, accelerate_cli, "1to2")):
-        out = tmp_path / name
-        ok(first(*args(out, "train.stop_at_step=3")))
-        resumed = ok(second(*args(out, "train.resume=latest")))
-        assert resumed.stdout.count("WARNING: resuming approximately") == 1, resumed.stdout[-2000:]
-        assert "restored exactly" in resumed.stdout and "epoch 0 continues" in resumed.stdout
-        logged = records(out)
-        assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 7))
-        assert [r for r in logged if "data/resumed_approximately" in r][0]["step"] == 3
-        assert all(r["train/epoch"] == 0 for r in logged if "train/loss" in r)  # the epoch was not restarted
-        # the schedule and step continue exactly where the checkpoint left them
-        assert [r["train/lr"] for r in logged if r["step"] > 3 and "train/lr" in r] == \
-            [r["train/lr"] for r in records(reference) if r["step"] > 3]
-        mmggem.load(out / "final")
+    first, second = (LAUNCH[count] for count in processes)
+    out = tmp_path / "run"
+    ok(first(*args(out, "train.stop_at_step=3")))
+    resumed = ok(second(*args(out, "train.resume=latest")))
+    assert resumed.stdout.count("WARNING: resuming approximately") == 1, resumed.stdout[-2000:]
+    assert "restored exactly" in resumed.stdout and "epoch 0 continues" in resumed.stdout
+    logged = records(out)
+    assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 7))
+    assert [r for r in logged if "data/resumed_approximately" in r][0]["step"] == 3
+    assert all(r["train/epoch"] == 0 for r in logged if "train/loss" in r)  # the epoch was not restarted
+    # the schedule and step continue exactly where the checkpoint left them: the uninterrupted 6-step run's
+    later_lr = lambda run: [r["train/lr"] for r in records(run) if r["step"] > 3 and "train/lr" in r]  # noqa: E731
+    assert later_lr(out) == later_lr(two_process_run) and len(later_lr(out)) == 3
+    mmggem.load(out / "final")
 
 
 def test_a_changed_shard_list_is_named_and_can_be_accepted(train_shards: str, tmp_path: Path) -> None:
