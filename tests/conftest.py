@@ -146,7 +146,7 @@ def evaluations(output_dir: Path) -> dict[tuple[int, str], float]:
 
 
 # The uninterrupted runs that several tests compare theirs with: each is trained once per session.
-ONE_PROCESS_STEPS = 12
+ONE_PROCESS_STEPS = 30
 ONE_PROCESS_ARGS = (f"train.steps={ONE_PROCESS_STEPS}", "train.checkpoint_every=3", "train.keep_checkpoints=2",
                     "log.wandb=offline")
 
@@ -154,7 +154,7 @@ ONE_PROCESS_ARGS = (f"train.steps={ONE_PROCESS_STEPS}", "train.checkpoint_every=
 @pytest.fixture(scope="session")
 def one_process_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory
                     ) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 12-step run in one process (checkpoints every 3 steps, the last 2 kept; wandb offline), and how it ended.
+    """A 30-step run in one process (checkpoints every 3 steps, the last 2 kept; wandb offline), and how it ended.
 
     Long enough for a test to signal or kill a run of the same arguments mid-way; checkpointing and
     logging do not change what a run computes, so its stopped and resumed twins must equal it.

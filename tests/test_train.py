@@ -143,7 +143,7 @@ def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, o
 
 
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(train_shards: str, tmp_path: Path) -> None:
-    args = lambda out, *more: train_args(train_shards, out, "train.steps=12", *more)  # noqa: E731
+    args = lambda out, *more: train_args(train_shards, out, "train.steps=30", *more)  # noqa: E731
     whole = spawn_ranks(*args(tmp_path / "whole"))
     assert [p.wait(timeout=300) for p in whole] == [0, 0], whole[0].stdout.read()[-2000:]
     out = tmp_path / "signalled"
