@@ -111,7 +111,8 @@ def write_markdown(summary: Summary, path: Path) -> None:
                   "| arm | seed | " + " | ".join(f"group {g}" for g in range(groups)) + " |",
                   "|" + " --- |" * (groups + 2)]
         for (arm, seed), trajectory in summary.exponents.items():
-            lines.append(f"| {arm} | {seed} | " + " | ".join(f"{p:.3f}" for p in trajectory.p[-1]) + " |")
+            cells = [f"{p:.3f}" for p in trajectory.p[-1]] + [""] * (groups - trajectory.groups)  # gem has one
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -87,7 +87,7 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
               "max": {s: v + d for (s, v), d in zip(base.items(), (-0.01, 0.02, 0.0))}, "gem": {0: 0.13}}
     for pooling, by_seed in values.items():
         for seed, recall in by_seed.items():
-            finished_run(tmp_path, pooling, seed, recall, (2.5 + seed, 1.0 + seed) if pooling == "ggem" else ())
+            finished_run(tmp_path, pooling, seed, recall, {"ggem": (2.5 + seed, 1.0 + seed), "gem": (2.0,)}.get(pooling, ()))
     runs = [r for r in plan_runs(tmp_path, [Arm(p, p) for p in values], 3) if r.finished]
     summary = write_summary(runs, tmp_path, baselines=["avg", "max"])
 
@@ -114,10 +114,11 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert "ggem vs max, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     # the learned exponents: only ggem logged them; the last value per group and seed, and their course
-    assert list(summary.exponents) == [("ggem", 0), ("ggem", 1), ("ggem", 2)]
+    assert list(summary.exponents) == [("ggem", 0), ("ggem", 1), ("ggem", 2), ("gem", 0)]
     assert summary.exponents["ggem", 1].steps.tolist() == [5, 10]
     assert summary.exponents["ggem", 1].p.tolist() == [[3.25, 2.5], [3.5, 2.0]]
-    assert "| ggem | 2 | 4.500 | 3.000 |" in markdown and "| avg | 0 |" not in markdown
+    assert "| ggem | 2 | 4.500 | 3.000 |" in markdown and "| gem | 0 | 2.000 |  |" in markdown
+    assert "| avg | 0 |" not in markdown
     assert (tmp_path / "ablation_p.png").read_bytes()[:4] == b"\x89PNG"
 
 
