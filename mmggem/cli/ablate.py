@@ -13,10 +13,11 @@ from ..pooling import POOLER_NAMES
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ablate",
-        help="train and evaluate every pooling x seed on one config, and tabulate",
-        description="Train CONFIG once per pooling and seed with the same budget, evaluate each on the "
-                    "config's eval.datasets, and write OUT/ablation.md, .csv and .png. Finished runs are "
-                    "reused. Under `accelerate launch` each process takes its share of the runs.",
+        help="train and evaluate every pooling (or variant) x seed on one config, and tabulate",
+        description="Train CONFIG once per arm (a pooling, or a named variant of one) and seed with the same "
+                    "budget, evaluate each on the config's eval.datasets, and write OUT/ablation.md, .csv and "
+                    ".png. Finished runs are reused, cut-short ones resumed. Under `accelerate launch` each "
+                    "process takes its share of the runs.",
     )
     parser.add_argument("config", type=Path, help="YAML run config with eval.datasets set")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
