@@ -298,4 +298,5 @@ def check_pooler_options(name: str, options: dict[str, Any]) -> None:
     of other runs. Whether ``groups`` divides the real width is checked when the model is built.
     """
     groups = options.get("groups", 1)
-    build_pooler(name, 8 * groups if isinstance(groups, int) and groups > 0 else 8, 1, **options)
+    with torch.random.fork_rng(devices=[]):  # reading a config must not move the seeded random stream
+        build_pooler(name, 8 * groups if isinstance(groups, int) and groups > 0 else 8, 1, **options)

@@ -194,3 +194,15 @@ def test_the_train_command_takes_the_documented_words() -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("mmggem train: error: data.train: a shard pattern is required, "
                                      "e.g. /data/cc3m/{00000..00331}.tar")
+
+
+def test_checking_pooler_options_leaves_the_random_stream_alone() -> None:
+    """The config builds the pooler once to check its options; attn draws weights, which must not
+    shift what a seeded run draws afterwards."""
+    import torch
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    load_config(CONFIGS / "demo.yaml", ["model.pooling=attn"])
+    assert torch.equal(torch.rand(4), expected)
