@@ -138,10 +138,14 @@ def ok(result: subprocess.CompletedProcess, code: int = 0) -> subprocess.Complet
     return result
 
 
+def records(output_dir: Path) -> list[dict]:
+    """The lines of a run's results.jsonl as the trainer wrote them, one dict each."""
+    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+
+
 def evaluations(output_dir: Path) -> dict[tuple[int, str], float]:
     """Every evaluation metric a run logged in its results.jsonl, by (step, key)."""
-    records = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
-    return {(record["step"], key): value for record in records for key, value in record.items()
+    return {(record["step"], key): value for record in records(output_dir) for key, value in record.items()
             if key.startswith("eval/")}
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ok, records, run_cli, train_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
-from test_train import ok, train_args
 
 import mmggem
 from mmggem.config import ConfigError, load_config
@@ -43,10 +42,6 @@ def dashboard_run(train_shards: str, small_eval_sets: tuple[Path, Path], tmp_pat
     ok(run_cli(*args))
     ok(run_cli(*args, f"train.resume={out / 'checkpoints' / 'step_00000002'}"))
     return out
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 def tensorboard(out: Path) -> EventAccumulator:

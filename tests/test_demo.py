@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import records, run_cli
 
 import mmggem
 
@@ -24,8 +24,7 @@ def test_demo_trains_evaluates_and_keeps_the_run(demo_run: Path) -> None:
     assert lines[retrieval_table + 1].split()[4:] == ["T2I@1", "T2I@5", "T2I@10", "I2T@1", "I2T@5", "I2T@10"]
     assert lines[retrieval_table + 2].split()[:4] == ["retrieval", "1500", "0", "fp32"]
     assert retrieval["metrics"]["image_retrieval_recall@10"] > 10 / 1500
-    records = [json.loads(line) for line in (demo_run / "run" / "results.jsonl").read_text().splitlines()]
-    assert records[-1]["eval/zeroshot/acc1"] == zeroshot["metrics"]["acc1"]
+    assert records(demo_run / "run")[-1]["eval/zeroshot/acc1"] == zeroshot["metrics"]["acc1"]
     model, _, _ = mmggem.load(demo_run / "run" / "final")
     assert model.visual.pooler.p.shape == (6,)
 

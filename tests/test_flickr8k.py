@@ -8,12 +8,11 @@ use a handful of its images (the real rows of the real ``captions.csv``) to stay
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli as run_process
+from conftest import records, run_cli as run_process
 from data_fixtures import CONTEXT, byte_tokenizer, decode_tokens, plain_transform, run_cli
 from mmggem.data.loader import TrainLoader
 from mmggem.evaluate import evaluate_dataset
@@ -99,8 +98,7 @@ def test_the_recipe_trains_and_evaluates_on_flickr8k(few_rows: tuple[Path, list[
                          "train.warmup_steps=1", "data.shuffle_buffer=8", "data.workers=0", "log.progress=false",
                          timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    final = {key: value for record in records for key, value in record.items()}
+    final = {key: value for record in records(tmp_path / "run") for key, value in record.items()}
     assert {f"eval/test/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)} <= set(final)
     assert len([key for key in final if key.startswith("train/pool_p/group_")]) == 6
 

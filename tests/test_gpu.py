@@ -15,10 +15,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradScalerKwargs
-from conftest import ACCELERATE, PYTHON
+from conftest import ACCELERATE, PYTHON, ok, records, train_args
 from test_nonfinite import fp16_state, run, updates  # noqa: F401 - fp16_state is a fixture
 from test_evaluate_parity import assert_same_metrics, classification_set, clip_benchmark_metrics, tiny_model
-from test_train import assert_same_run, final_weights, losses, ok, train_args
+from test_train import assert_same_run, final_weights, losses
 
 import mmggem
 from mmggem.data.device import DeviceNormalizer, split_transform, to_device
@@ -83,9 +83,9 @@ def test_steps_between_log_steps_read_nothing_from_the_gpu(train_shards: str, tm
     quiet = [step for step in range(1, 9) if step % 4]
     assert {step: reads[step] for step in quiet} == {step: [] for step in quiet}
     assert reads[4] and reads[8]  # the log steps do read (the counter sees device-to-host copies)
-    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert records[0]["run/precision"] == precision
-    assert all(("train/scaler_skips" in record) == (precision == "fp16") for record in records)
+    logged = records(tmp_path / "run")
+    assert logged[0]["run/precision"] == precision
+    assert all(("train/scaler_skips" in record) == (precision == "fp16") for record in logged)
 
 
 def test_fp16_overflows_on_the_gpu_are_scaler_skips_not_divergence(fp16_state: None) -> None:

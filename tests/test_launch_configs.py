@@ -8,13 +8,13 @@ set by ``train.precision=no``, which wins over the config's bf16 with one printe
 """
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ACCELERATE, cpu_env, evaluations, free_port, launch_config, ok, train_args, two_process_args
+from conftest import (ACCELERATE, cpu_env, evaluations, free_port, launch_config, ok, records, train_args,
+                      two_process_args)
 from test_train import assert_same_run, losses
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +28,7 @@ def test_every_shipped_config_is_covered() -> None:
 
 def recorded_precision(out: Path) -> tuple[set[str], str]:
     """The precision a run recorded: in its results.jsonl (once per start) and in its config.yaml."""
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    noted = {record["run/precision"] for record in records if "run/precision" in record}
+    noted = {record["run/precision"] for record in records(out) if "run/precision" in record}
     config = yaml.safe_load((out / "config.yaml").read_text())
     return noted, config["train"]["precision"]
 

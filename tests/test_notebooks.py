@@ -18,7 +18,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_env, run_cli
+from conftest import cpu_env, records, run_cli, train_args
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
@@ -28,7 +28,6 @@ from mmggem import analysis
 from mmggem.data.demo import _png
 from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
 from mmggem.evaluate.dataset import open_eval_set, read_image
-from test_train import train_args
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
@@ -126,7 +125,7 @@ def test_notebooks_are_stored_without_outputs(name: str) -> None:
 
 
 def final_evaluation(run: Path) -> dict:
-    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()][-1]
+    return records(run)[-1]
 
 
 def test_quickstart_accuracy_is_the_runs_evaluation(quickstart: nbformat.NotebookNode, colour_run: Path) -> None:
@@ -169,8 +168,7 @@ def test_quickstart_retrieves_the_best_matching_images(quickstart: nbformat.Note
 
 def test_analysis_plots_p_for_every_logged_step(ggem_analysis: nbformat.NotebookNode, colour_run: Path) -> None:
     text = printed(ggem_analysis)
-    records = [json.loads(line) for line in (colour_run / "results.jsonl").read_text().splitlines()]
-    logged = [record["step"] for record in records if "train/loss" in record]
+    logged = [record["step"] for record in records(colour_run) if "train/loss" in record]
     assert f"p logged at {len(logged)} steps ({logged[0]} to {logged[-1]})" in text
     final = re.search(r"final p per group: ([\d. ]+)\n", text)
     model, _, _ = mmggem.load(colour_run / "final")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (ONE_PROCESS_ARGS, ONE_PROCESS_STEPS, PYTHON, accelerate_cli, cpu_env, evaluations, ok,
-                      run_cli, spawn_ranks, train_args, two_process_args)
+                      records, run_cli, spawn_ranks, train_args, two_process_args)
 from safetensors.torch import load_file
 
 import mmggem
@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def losses(output_dir: Path) -> list[float]:
-    lines = (output_dir / "results.jsonl").read_text().splitlines()
-    return [json.loads(line)["train/loss"] for line in lines if "train/loss" in json.loads(line)]
+    return [record["train/loss"] for record in records(output_dir) if "train/loss" in record]
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -40,18 +39,18 @@ def test_one_process_run_logs_checkpoints_and_exports(
         one_process_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, result = one_process_run
     assert f"model saved to {out / 'final'}" in result.stdout
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, ONE_PROCESS_STEPS + 1))
+    logged = records(out)
+    assert [r["step"] for r in logged] == list(range(1, ONE_PROCESS_STEPS + 1))
     for key in ("train/loss", "train/grad_norm", "train/lr", "train/logit_scale", "perf/samples_per_s",
                 "perf/data_wait_s", "data/skipped_samples", *(f"train/pool_p/group_{g}" for g in range(6))):
-        assert all(key in r for r in records), key
-    assert records[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
+        assert all(key in r for r in logged), key
+    assert logged[-1]["train/pool_p/group_0"] != 3.0  # the exponents learn
     last = ONE_PROCESS_STEPS - ONE_PROCESS_STEPS % 3  # checkpoints every 3 steps, the last 2 kept
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{last - 3:08d}", f"step_{last:08d}"]
     assert (out / "config.yaml").read_text().count("pooling: ggem") == 1
     # no launcher and train.precision unset: fp32, said at start and recorded
     assert "precision: no (fp32; set by the default)" in result.stdout
-    assert "precision: 'no'" in (out / "config.yaml").read_text() and records[0]["run/precision"] == "no"
+    assert "precision: 'no'" in (out / "config.yaml").read_text() and logged[0]["run/precision"] == "no"
     model, _, tokenizer = mmggem.load(out / "final")
     assert model.encode_text(tokenizer(["a photo of colour 2"])).shape == (1, 128)
     # log.wandb=offline needs no network: wandb's own offline run file, and the id a resume continues
@@ -224,15 +223,11 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_
                                                                  "train.max_bad_steps=3", "data.workers=0")[2:])
     with pytest.raises(trainer.TrainingDiverged, match=r"3 steps in a row .* last good checkpoint: .*step_00000004"):
         trainer.train(cfg)
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    logged = records(out)
     # steps 1-6 are logged, the sixth (the third bad one in a row) included; nothing after it
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert [r["train/bad_steps"] for r in records] == [0, 0, 1, 1, 2, 3]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/bad_steps"] for r in logged] == [0, 0, 1, 1, 2, 3]
     assert (out / "checkpoints" / "step_00000004").is_dir()
-
-
-def records(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
 
 
 LAUNCH = {1: run_cli, 2: accelerate_cli}
