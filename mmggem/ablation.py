@@ -91,7 +91,8 @@ class AblationRun:
 
 
 def plan_runs(out: Path, arms: list[Arm], seeds: int) -> list[AblationRun]:
-    return [AblationRun(arm, s, out / arm.name / f"seed_{s}") for arm in arms for s in range(seeds)]
+    """Every arm x seed, seed by seed: an ablation stopped part-way has whole pairs to compare."""
+    return [AblationRun(arm, s, out / arm.name / f"seed_{s}") for s in range(seeds) for arm in arms]
 
 
 def _run_environment(device_index: int | None) -> dict[str, str]:
