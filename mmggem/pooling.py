@@ -101,6 +101,41 @@ def project_exponents(model: nn.Module) -> None:
             module.project_()
 
 
+def power_mean(x: torch.Tensor, p: torch.Tensor, eps: float, negatives: str) -> torch.Tensor:
+    """The generalized (power) mean over tokens of ``x`` ``[B, N, G, C/G]``, exponent ``p`` ``[1, 1, G, 1]``.
+
+    Returns ``[B, G, C/G]``. Shared by :class:`GeM` (G = 1) and :class:`GGeM`. Evaluated in log space,
+    ``(mean_n x^p)^(1/p) = exp((logsumexp_n(p * log x) - log N) / p)``: the same quantity, but neither
+    ``x^p`` of a token at ``eps`` underflows to 0 nor that of a large activation overflows to inf
+    for a large p. ``negatives="signed"`` sums the positive and negative tokens apart in log space
+    (:func:`_signed_power_mean`).
+    """
+    if negatives == "signed":
+        return _signed_power_mean(x, p, eps)
+    log_mean = torch.logsumexp(p * x.clamp(min=eps).log(), dim=1) - math.log(x.shape[1])
+    return torch.exp(log_mean / p.squeeze(1))
+
+
+def _signed_power_mean(x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
+    """The signed power mean of ``x`` ``[B, N, G, C/G]`` over N, in log space.
+
+    ``sum_n sign(x)|x|^p = e^L * d`` with L the larger of the two log-sums
+    (positive and negative tokens) and ``d = e^(L+ - L) - e^(L- - L)`` in
+    [-1, 1]; then ``y = sign(d) * exp((L - log N + log|d|) / p)``. ``|d|`` is
+    floored at ``eps^p`` (relative to the larger sum) so that an exact
+    cancellation gives about 0 with a finite gradient.
+    """
+    log_abs = p * x.abs().clamp(min=eps).log()
+    none = torch.full_like(log_abs, -math.inf)
+    log_pos = torch.logsumexp(torch.where(x >= 0, log_abs, none), dim=1)
+    log_neg = torch.logsumexp(torch.where(x >= 0, none, log_abs), dim=1)
+    largest = torch.maximum(log_pos, log_neg)
+    diff = torch.exp(log_pos - largest) - torch.exp(log_neg - largest)
+    p = p.squeeze(1)
+    log_mean = largest - math.log(x.shape[1]) + diff.abs().clamp(min=eps**p.detach()).log()
+    return diff.sign() * torch.exp(log_mean / p)
+
+
 class ClassTokenPool(nn.Module):
     """The class token itself (open_clip's ``pool_type="tok"``); receives ``[B, 1, C]``."""
 
@@ -129,12 +164,14 @@ class MaxPool(nn.Module):
 
 
 class GeM(_Exponent):
-    """Generalized mean with one learnable exponent shared by all channels.
+    """Generalized mean (GeM) with one learnable exponent shared by all channels.
 
-    ``y = (mean_n max(x, eps)^p)^(1/p)`` (Radenovic et al., Eq. 2), or its
-    signed form (module docstring), computed in float32 and cast back to the
-    input dtype. Kept as the direct power-mean so that it doubles as an
-    independent reference for :class:`GGeM` with G = 1.
+    Radenović, Tolias and Chum, "Fine-tuning CNN Image Retrieval with No Human Annotation"
+    (TPAMI 2018), Eq. 2: ``y_c = (1/N * sum_n x_{n,c}^p)^(1/p)`` over the N tokens, with
+    ``x`` clamped to ``eps`` (or its signed form, module docstring). Evaluated in log space by
+    :func:`power_mean`, the same code as :class:`GGeM` (GeM is GGeM with one group), so that a
+    large p neither underflows tokens at ``eps`` to 0 (a nan gradient) nor overflows large
+    activations to inf; in float32 whatever autocast is active, cast back to the input dtype.
     """
 
     uses_class_token = False
@@ -145,14 +182,9 @@ class GeM(_Exponent):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            p, x = _bounded(self.p.float()), tokens.float()
-            if self.negatives == "clamp":
-                pooled = x.clamp(min=self.eps).pow(p).mean(dim=1).pow(1.0 / p)
-            else:
-                sign = torch.where(x >= 0, 1.0, -1.0)
-                mean = (sign * x.abs().clamp(min=self.eps).pow(p)).mean(dim=1)
-                pooled = mean.sign() * mean.abs().clamp(min=self.eps**p).pow(1.0 / p)
-        return pooled.to(tokens.dtype)
+            p = _bounded(self.p.float()).view(1, 1, 1, 1)
+            pooled = power_mean(tokens.float().unsqueeze(2), p, self.eps, self.negatives)
+        return pooled.squeeze(1).to(tokens.dtype)
 
 
 class GGeM(_Exponent):
@@ -163,12 +195,8 @@ class GGeM(_Exponent):
     (see the module docstring for the equation). The exponents live in the
     parameter ``p`` of shape ``[groups]``, bounded below by 1 (module docstring).
 
-    The mean of powers is evaluated in log space,
-    ``(mean_n x^p)^(1/p) = exp((logsumexp_n(p * log x) - log N) / p)``,
-    which is the same quantity but cannot overflow float32 when p is large,
-    and always in float32, whatever autocast is active, then cast back. With
-    ``negatives="signed"`` the positive and negative tokens are summed apart
-    in log space and subtracted after factoring out the larger sum.
+    The mean of powers is evaluated in log space by :func:`power_mean` (shared
+    with :class:`GeM`), always in float32 whatever autocast is active, then cast back.
     """
 
     uses_class_token = False
@@ -191,32 +219,8 @@ class GGeM(_Exponent):
             raise ValueError(f"GGeM built for {self.dim} channels got tokens with {dim}")
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             p = _bounded(self.p.float()).view(1, 1, self.groups, 1)
-            x = tokens.float().view(batch, num_tokens, self.groups, -1)
-            if self.negatives == "clamp":
-                log_mean = torch.logsumexp(p * x.clamp(min=self.eps).log(), dim=1) - math.log(num_tokens)
-                pooled = torch.exp(log_mean / p.view(1, self.groups, 1))
-            else:
-                pooled = self._signed(x, p, num_tokens)
+            pooled = power_mean(tokens.float().view(batch, num_tokens, self.groups, -1), p, self.eps, self.negatives)
         return pooled.reshape(batch, dim).to(tokens.dtype)
-
-    def _signed(self, x: torch.Tensor, p: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """The signed power mean of ``x`` ``[B, N, G, C/G]`` over N, in log space.
-
-        ``sum_n sign(x)|x|^p = e^L * d`` with L the larger of the two log-sums
-        (positive and negative tokens) and ``d = e^(L+ - L) - e^(L- - L)`` in
-        [-1, 1]; then ``y = sign(d) * exp((L - log N + log|d|) / p)``. ``|d|`` is
-        floored at ``eps^p`` (relative to the larger sum) so that an exact
-        cancellation gives about 0 with a finite gradient.
-        """
-        log_abs = p * x.abs().clamp(min=self.eps).log()
-        none = torch.full_like(log_abs, -math.inf)
-        log_pos = torch.logsumexp(torch.where(x >= 0, log_abs, none), dim=1)
-        log_neg = torch.logsumexp(torch.where(x >= 0, none, log_abs), dim=1)
-        largest = torch.maximum(log_pos, log_neg)
-        diff = torch.exp(log_pos - largest) - torch.exp(log_neg - largest)
-        p = p.view(1, self.groups, 1)
-        log_mean = largest - math.log(num_tokens) + diff.abs().clamp(min=self.eps**p.detach()).log()
-        return diff.sign() * torch.exp(log_mean / p)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.groups}, {super().extra_repr()}"

@@ -44,6 +44,41 @@ def test_ggem_matches_float64_reference_with_random_p(groups: int) -> None:
     torch.testing.assert_close(pooler(x).double(), reference_ggem(x, p), rtol=1e-5, atol=1e-6)
 
 
+def _pooler(kind: str, p: float) -> nn.Module:
+    """GeM, or GGeM with 3 groups, every exponent at ``p``."""
+    if kind == "gem":
+        return GeM(p_init=p)
+    return with_p(GGeM(12, 3), torch.full((3,), p))
+
+
+@pytest.mark.parametrize("kind", ["gem", "ggem"])
+@pytest.mark.parametrize("p", [1.0, 3.0, 8.0, 10.0])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2, 1e4])
+def test_gem_and_ggem_match_float64_reference_at_large_p_and_scale(kind: str, p: float, scale: float) -> None:
+    torch.manual_seed(int(p))
+    x = torch.randn(4, 9, 12).abs() * scale
+    x[:, :, 0] = 1e-7  # one channel at or below eps on every token
+    pooler = _pooler(kind, p)
+    expected = reference_ggem(x, torch.full((pooler.p.numel(),), p))
+    torch.testing.assert_close(pooler(x).double(), expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("kind", ["gem", "ggem"])
+@pytest.mark.parametrize(("p", "scale"), [(8.0, 1e-7), (10.0, 1e4), (10.0, 1.0)])
+def test_gem_and_ggem_gradients_are_finite_where_the_direct_power_mean_fails(kind: str, p: float,
+                                                                             scale: float) -> None:
+    """At p = 8 a channel at eps gives eps^8 = 1e-48, 0 in float32, so the direct form's gradient of p is nan;
+    at p = 10 activations of 1e4 give 1e40, inf in float32."""
+    torch.manual_seed(0)
+    x = (torch.rand(2, 6, 12) * scale).requires_grad_()
+    pooler = _pooler(kind, p)
+    pooled = pooler(x)
+    (pooled * torch.randn_like(pooled)).sum().backward()
+    assert torch.isfinite(pooled).all() and torch.isfinite(pooler.p.grad).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(pooled.double(), reference_ggem(x.detach(), torch.full((pooler.p.numel(),), p)),
+                               rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_p_one_gives_the_mean() -> None:
     x = torch.rand(3, 10, 8) + 0.1
     pooler = with_p(GGeM(8, 4), torch.ones(4))
