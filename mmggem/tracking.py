@@ -68,16 +68,31 @@ def start_trackers(accelerator: Accelerator, log_cfg: Any, output_dir: Path, con
     for tracker in accelerator.log_with:
         if isinstance(tracker, TensorBoardTracker) and resume_step > 0:
             tracker.init_kwargs["purge_step"] = resume_step + 1
-    try:
-        accelerator.init_trackers(log_cfg.project, init_kwargs={"wandb": wandb_kwargs})
-    except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
-        log.warning("a tracker could not start (%s): continuing with results.jsonl only", error)
-        accelerator.trackers = []
-        return
+    started = _start_each(accelerator, log_cfg.project, {"wandb": wandb_kwargs})
     for tracker in accelerator.trackers:
         _store_config(tracker, config)
-    if wandb_kwargs and accelerator.is_main_process:
+    if "wandb" in started and accelerator.is_main_process:
         (output_dir / WANDB_ID_FILE).write_text(wandb_kwargs["id"] + "\n")
+
+
+def _start_each(accelerator: Accelerator, project: str, init_kwargs: dict[str, dict[str, Any]]) -> list[str]:
+    """Start each tracker of ``accelerator.log_with`` on its own, so that one failing to start is reported
+    once and left out while the others run (accelerate starts them all in one call, where one failure
+    stops the rest). Returns the names of those started (none on the other processes)."""
+    chosen, kept, started = list(accelerator.log_with), [], []
+    for tracker in chosen:
+        accelerator.log_with, accelerator.trackers = [tracker], []
+        try:
+            accelerator.init_trackers(project, init_kwargs=init_kwargs)
+        except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
+            name = tracker.name if isinstance(tracker, GeneralTracker) else str(tracker)  # LoggerType's str: its name
+            log.warning("%s could not start (%s): it is off for this run; results.jsonl and the other trackers "
+                        "continue", name, error)
+            continue
+        kept.append(tracker)
+        started += accelerator.trackers
+    accelerator.log_with, accelerator.trackers = kept, started
+    return [tracker.name for tracker in started]
 
 
 def _store_config(tracker: GeneralTracker, config: dict[str, Any]) -> None:

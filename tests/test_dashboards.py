@@ -144,3 +144,27 @@ def test_wandb_run_is_named_grouped_tagged_and_resumed(dashboard_run: Path) -> N
 def test_log_tags_must_be_words() -> None:
     with pytest.raises(ConfigError, match="log.tags"):
         load_config(None, ["data.train=x.tar", "log.tags=[ok, 3]"])
+
+
+def test_wandb_failing_to_start_drops_only_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import wandb
+    from accelerate import Accelerator
+
+    from mmggem.tracking import RunLog, start_trackers, trackers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise wandb.errors.CommError("no network")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    cfg = load_config(None, ["data.train=x.tar", "log.wandb=online", "log.tensorboard=true"])
+    accelerator = Accelerator(log_with=trackers(cfg.log.wandb, cfg.log.tensorboard, tmp_path), project_dir=tmp_path)
+    start_trackers(accelerator, cfg.log, tmp_path, {"seed": 0}, resume_step=0)
+    assert [tracker.name for tracker in accelerator.trackers] == ["tensorboard"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "wandb could not start (no network): it is off for this run; results.jsonl and the other trackers continue"]
+    run_log = RunLog(accelerator, tmp_path)
+    run_log.log({"train/loss": 1.5}, step=1)
+    run_log.finish()
+    assert [event.value for event in tensorboard(tmp_path).Scalars("train/loss")] == [1.5]
+    assert not (tmp_path / "wandb_run_id").exists()
