@@ -3,7 +3,8 @@ difference to each baseline arm paired by seed, as ``ablation.md``, ``ablation.c
 
 The metrics are the last logged ``eval/<set>/<metric>`` of every run, for every evaluation set of the
 config, restricted to the names in ``metrics`` (by default zero-shot ``acc1`` and retrieval Recall@1 in
-both directions). Paired differences and their 95% intervals are :mod:`mmggem.paired`'s. Arms whose
+both directions); ``head_dependence`` in ``metrics`` adds the head-wise dependence of each run's pooled
+features on every evaluation set (:mod:`mmggem.ablation_probes`). Paired differences and their 95% intervals are :mod:`mmggem.paired`'s. Arms whose
 pooler learns exponents (gem, ggem and their variants) also get their p per group: the last value in the
 Markdown, the whole course of training in ``ablation_p.png``.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .ablation import AblationRun
+from .ablation_probes import HEAD_DEPENDENCE, run_head_dependence
 from .analysis import PTrajectory, p_trajectory, read_records
 from .errors import UserError
 from .paired import PairedDifference, format_difference, paired_difference, plain_note
@@ -24,8 +26,9 @@ from .paired import PairedDifference, format_difference, paired_difference, plai
 SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
 
 
-def final_metrics(run: AblationRun) -> dict[str, float]:
-    """The last logged value of every ``eval/<set>/<metric>`` of a run."""
+def final_metrics(run: AblationRun, probes: Sequence[str] = ()) -> dict[str, float]:
+    """The last logged value of every ``eval/<set>/<metric>`` of a run, and those of the ``probes``
+    measured on its final model (:mod:`mmggem.ablation_probes`; only ``head_dependence`` exists)."""
     results = run.output_dir / "results.jsonl"
     if not results.is_file():
         raise FileNotFoundError(f"{results} is missing: run {run.name} seed {run.seed} never logged")
@@ -33,6 +36,8 @@ def final_metrics(run: AblationRun) -> dict[str, float]:
     for line in results.read_text().splitlines():
         record = json.loads(line)
         metrics.update({k: v for k, v in record.items() if k.startswith("eval/")})
+    if HEAD_DEPENDENCE in probes:
+        metrics.update(run_head_dependence(run.output_dir))
     return metrics
 
 
@@ -57,7 +62,7 @@ class Summary:
 
 def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
               metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
-    per_run = {run: final_metrics(run) for run in runs}
+    per_run = {run: final_metrics(run, metrics) for run in runs}
     columns = summary_columns(list(per_run.values()), metrics)
     rows: dict[str, dict[str, tuple[float, float, int]]] = {}
     by_seed: dict[str, dict[str, dict[int, float]]] = {}  # arm -> column -> seed -> value
@@ -97,6 +102,9 @@ def write_markdown(summary: Summary, path: Path) -> None:
         values = [f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" for m, s, n in (cells[c] for c in summary.columns)]
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
     lines += ["", "Values in %, mean ± sample standard deviation over seeds."]
+    if any(c.endswith("/" + HEAD_DEPENDENCE) for c in summary.columns):
+        lines += ["", f"{HEAD_DEPENDENCE}: the mean absolute correlation, over the set's images, between pooled "
+                  "channels of different attention heads, x 100 (lower: the heads' channels are less dependent)."]
     for baseline, differences in summary.differences.items():
         lines += ["", f"Difference to {baseline}, paired by seed, in percentage points: "
                   "mean [95% t interval] (seeds).", "", header, rule]

@@ -1,0 +1,97 @@
+"""Head-wise dependence as an ablation metric: planted pooled outputs give their known value, and
+`mmggem ablate --metrics head_dependence` tabulates it for finished runs."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+import mmggem
+from mmggem.ablation_probes import CACHE_FILE, attention_heads, pooled_features, pooled_head_dependence
+from mmggem.analysis import head_dependence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Planted(torch.nn.Module):
+    """A pooler whose output for image n is ``scale * signals[n, head of channel] + offset``, whatever the tokens."""
+
+    uses_class_token = False
+
+    def __init__(self, signals: torch.Tensor, heads: int, width: int) -> None:
+        super().__init__()
+        self.register_buffer("signals", signals)
+        self.head_of_channel = torch.arange(width) // (width // heads)
+        self.scale = torch.linspace(0.5, 2.0, width)
+        self.offset = torch.linspace(-1.0, 1.0, width)
+        self.seen = 0  # images pooled so far: the next batch gets the next rows of signals
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.signals[self.seen:self.seen + len(tokens)]
+        self.seen += len(tokens)
+        return rows[:, self.head_of_channel] * self.scale + self.offset
+
+
+def exactly_uncorrelated(images: int, count: int) -> torch.Tensor:
+    """``[images, count]`` centred columns with zero correlation between any two (orthonormal by QR)."""
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.randn(images, count + 1, dtype=torch.float64, generator=generator)
+    columns[:, 0] = 1.0
+    return torch.linalg.qr(columns).Q[:, 1:].float()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_planted_pooled_outputs_give_their_known_dependence(shared: bool) -> None:
+    model = mmggem.create_model("ViT-Ti-4-28", pooling="avg").eval()
+    heads, width = attention_heads(model), model.visual.transformer.width
+    images = torch.randn(40, 3, 28, 28)
+    signals = exactly_uncorrelated(len(images), heads)
+    if shared:  # every channel follows one signal: every pair of channels correlates fully
+        signals = signals[:, :1].expand(-1, heads).contiguous()
+    model.visual.pooler = Planted(signals, heads, width)
+    assert heads > 1
+    assert pooled_head_dependence(model, images) == pytest.approx(1.0 if shared else 0.0, abs=1e-5)
+
+
+def test_pooled_features_are_what_the_pooler_gives_the_projection() -> None:
+    model = mmggem.create_model("ViT-Ti-4-28", pooling="ggem").eval()
+    images = torch.randn(6, 3, 28, 28)
+    pooled = pooled_features(model, images)
+    with torch.no_grad():
+        assert torch.allclose(pooled @ model.visual.proj, model.visual(images), atol=1e-5)
+
+
+def finished_run(out: Path, arm: str, seed: int, evalset: Path) -> Path:
+    run = out / arm / f"seed_{seed}"
+    torch.manual_seed(seed)
+    mmggem.save_model(mmggem.create_model("ViT-Ti-4-28", pooling=arm), run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"datasets": [str(evalset)]}}))
+    (run / "results.jsonl").write_text('{"eval/zeroshot/acc1": 0.5}\n')
+    return run
+
+
+def test_ablate_tabulates_head_dependence_paired_by_seed(small_eval_sets: tuple[Path, Path], tmp_path: Path) -> None:
+    zeroshot, _ = small_eval_sets
+    out = tmp_path / "ablation"
+    runs = {(arm, seed): finished_run(out, arm, seed, zeroshot) for arm in ("gem", "ggem") for seed in (0, 1)}
+    result = run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--poolings", "gem,ggem", "--seeds", "2",
+                     "--output-dir", str(out), "--baseline", "gem", "--metrics", "acc1,head_dependence",
+                     f"eval.datasets=[{zeroshot}]", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    expected = {}
+    for (arm, seed), run in runs.items():
+        model, preprocess, _ = mmggem.load(run / "final")
+        from mmggem.evaluate.dataset import open_eval_set, read_image
+        batch = torch.stack([preprocess(read_image(s)) for s in open_eval_set(zeroshot).samples])
+        expected[arm, seed] = head_dependence(pooled_features(model.eval(), batch), attention_heads(model)).between
+        assert (run / CACHE_FILE).is_file()
+    rows = {(r["pooling"], r["metric"]): r for r in csv.DictReader(open(out / "ablation.csv"))}
+    gem, ggem = rows["gem", "zeroshot/head_dependence"], rows["ggem", "zeroshot/head_dependence"]
+    assert float(gem["mean"]) == pytest.approx((expected["gem", 0] + expected["gem", 1]) / 2, abs=1e-6)
+    diffs = [expected["ggem", s] - expected["gem", s] for s in (0, 1)]
+    assert float(ggem["diff_mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-6)
+    assert ggem["paired_seeds"] == "2"
+    assert "head_dependence: the mean absolute correlation" in (out / "ablation.md").read_text()
