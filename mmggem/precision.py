@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from .errors import UserError
 
 __all__ = ["LAUNCHER_VARIABLE", "check_precision", "configure_matmul_precision", "describe_precision",
-           "resolve_precision"]
+           "effective_precision", "precision_line", "resolve_precision"]
 
 LAUNCHER_VARIABLE = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` sets from its config or flag
 
@@ -42,10 +42,20 @@ def resolve_precision(configured: str | None, environ: Mapping[str, str] = os.en
 
 def describe_precision(accelerator: Accelerator, configured: str | None) -> str:
     """The line printed at start: the precision in effect and who chose it."""
+    return precision_line(accelerator.mixed_precision, configured)
+
+
+def effective_precision(configured: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The precision ``Accelerator(mixed_precision=configured)`` would train in, without building one
+    (what ``mmggem train --dry-run`` reports): ``configured``, else the launcher's, else ``no``."""
+    return configured or environ.get(LAUNCHER_VARIABLE, "").lower() or "no"
+
+
+def precision_line(effective: str, configured: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """One line: the precision ``effective`` and who chose it (``train.precision``, the launcher or the default)."""
     source = "train.precision" if configured is not None else (
-        "the launcher" if os.environ.get(LAUNCHER_VARIABLE) else "the default")
+        "the launcher" if environ.get(LAUNCHER_VARIABLE) else "the default")
     what = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a loss scaler"}
-    effective = accelerator.mixed_precision
     return f"precision: {effective} ({what.get(effective, effective)}; set by {source})"
 
 
