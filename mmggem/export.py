@@ -34,7 +34,7 @@ def export_model(source_path: str | Path, out: str | Path, *, results_dir: str |
         repo_id: the Hub repository it is meant for (the card's loading example names it).
         overwrite: replace a non-empty ``out`` (refused otherwise).
     """
-    source = locate(source_path)
+    source = locate(source_path, suggest_all_checkpoints=False)  # an option of eval, not of export
     model, _, _ = load_source(source)
     evaluations = run_evaluations(source)
     if results_dir is not None:

@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .evaluate.results import ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, read_result
+from .open_clip_view import open_clip_builds
 from .runs import RUN_CONFIG, ModelSource
 from .tracking import RESULTS_FILE
 
@@ -78,11 +79,12 @@ def model_card(model: nn.Module, source: ModelSource, evaluations: list[Evaluati
     exponents = pool_exponents(model)
     trained = training_summary(source)
     name = source.label
+    in_open_clip = open_clip_builds(spec.model_cfg, spec.pooling, spec.text_source or None)
     data = ModelCardData(
-        library_name="open_clip",
+        library_name="open_clip" if in_open_clip else "mmggem",  # the library that loads it, as the Hub shows it
         license=license,
         pipeline_tag="zero-shot-image-classification",
-        tags=["mmggem", "clip", "open_clip", f"pooling-{spec.pooling}", spec.name],
+        tags=["mmggem", "clip", *(["open_clip"] if in_open_clip else []), f"pooling-{spec.pooling}", spec.name],
         model_name=name if evaluations else None,
         eval_results=[EvalResult(task_type=HUB_TASKS[e.task], dataset_type=e.dataset, dataset_name=e.dataset,
                                  metric_type=e.metric, metric_value=e.value)

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 OPEN_CLIP_POOL_TYPES = {"cls": "tok", "avg": "avg"}
+REFUSAL_PREFIX = "needs mmggem: "
 HOW_TO_LOAD = "load it with mmggem.load(folder), or mmggem.load('hf-hub:org/name') for a Hub repo"
 
 
 def refusal(reason: str) -> str:
     """A config key open_clip rejects; its text is what the user reads in open_clip's TypeError."""
-    return f"needs mmggem: {reason}, which open_clip cannot build; {HOW_TO_LOAD}"
+    return f"{REFUSAL_PREFIX}{reason}, which open_clip cannot build; {HOW_TO_LOAD}"
 
 
 def open_clip_model_cfg(model_cfg: dict[str, Any], pooling: str, text_source: str | None = None) -> dict[str, Any]:
@@ -49,6 +50,13 @@ def open_clip_model_cfg(model_cfg: dict[str, Any], pooling: str, text_source: st
     elif source:  # a folder of the training machine: open_clip elsewhere cannot rebuild the tower
         text_cfg[refusal(f"its Hugging Face text tower came from the local folder {source}")] = source
     return view
+
+
+def open_clip_builds(model_cfg: dict[str, Any], pooling: str, text_source: str | None = None) -> bool:
+    """Whether open_clip itself builds this model from its saved folder: its view holds no refusal."""
+    view = open_clip_model_cfg(model_cfg, pooling, text_source)
+    keys = [*view.get("vision_cfg", {}), *view.get("text_cfg", {})]
+    return not any(key.startswith(REFUSAL_PREFIX) for key in keys)
 
 
 def _is_hub_id(name: str) -> bool:

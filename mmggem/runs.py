@@ -16,6 +16,8 @@ evaluated directly and its export are the same model.
 from __future__ import annotations
 
 import json
+import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import STATE_FILE, list_checkpoints
+from .checkpoint import STATE_FILE, list_checkpoints, unverified_message
 from .config import load_config
 from .errors import MissingPathError, UserError
 from .hub import CONFIG_FILE
@@ -41,6 +43,8 @@ FSDP_WEIGHTS = "pytorch_model_fsdp_0"
 """accelerate's folder for the first model's sharded (torch.distributed.checkpoint) weights."""
 COMPILED_PREFIX = "_orig_mod."
 """The key prefix of a ``torch.compile``-wrapped module's state dict."""
+ABLATION_RUN_FOLDER = re.compile(r"seed_\d+")
+"""The folder name of one seed's run in an ablation (``OUT/<arm>/seed_<s>``)."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,16 @@ class ModelSource:
 
     @property
     def run(self) -> str | None:
-        """The run's name: its folder's name."""
-        return self.run_dir.name if self.run_dir is not None else None
+        """The run's name: its folder's name, or ``<arm>/seed_<s>`` for a run of an ablation.
+
+        An ablation writes ``OUT/<arm>/seed_<s>/`` (:mod:`mmggem.ablation`), so every arm has a
+        ``seed_0``: the folder above it names the arm, and the two together are unique in it.
+        """
+        if self.run_dir is None:
+            return None
+        if ABLATION_RUN_FOLDER.fullmatch(self.run_dir.name):
+            return f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        return self.run_dir.name
 
     @property
     def label(self) -> str:
@@ -65,11 +77,12 @@ class ModelSource:
         return self.run or self.path.name
 
 
-def locate(path: str | Path) -> ModelSource:
+def locate(path: str | Path, suggest_all_checkpoints: bool = True) -> ModelSource:
     """What ``path`` is: a run folder (its ``final/``), a model folder, or a run's checkpoint.
 
     Raises MissingPathError when it is none of them, and UserError for a run without ``final/``
-    or a checkpoint outside its run.
+    (naming its checkpoints, and ``--all-checkpoints`` where the caller has that option) or a
+    checkpoint outside its run.
     """
     path = Path(path).resolve()
     if not path.is_dir():
@@ -89,7 +102,8 @@ def locate(path: str | Path) -> ModelSource:
             return locate(path / FINAL)
         kept = [p.name for p in list_checkpoints(path)]
         raise UserError(f"run {path} has no {FINAL}/ model (training has not finished); its checkpoints: "
-                        f"{', '.join(kept) or 'none'}: pass one of them, or --all-checkpoints")
+                        f"{', '.join(kept) or 'none'}: pass one of them"
+                        + (", or --all-checkpoints" if suggest_all_checkpoints else ""))
     raise MissingPathError(f"{path} is not an mmggem model folder ({CONFIG_FILE}), run folder ({RUN_CONFIG}) or "
                            f"checkpoint ({STATE_FILE})")
 
@@ -114,7 +128,8 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Callable[[Any], torch.T
     """``(model, preprocess, tokenizer)`` of ``source``, the model in eval mode, as :func:`mmggem.load` gives."""
     if not source.is_checkpoint:
         return load(source.path)
-    verify_manifest(source.path)  # damage is one line naming the file, not weights silently wrong
+    if not verify_manifest(source.path):  # damage is one line naming the file, not weights silently wrong
+        print(f"WARNING: {unverified_message(source.path)}", file=sys.stderr, flush=True)  # as resume warns
     model = model_from_config(load_config(source.run_dir / RUN_CONFIG), load_pretrained=False)
     weights = checkpoint_weights(source.path)
     shapes = {name: value.shape for name, value in model.state_dict().items()}

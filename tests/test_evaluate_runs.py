@@ -121,3 +121,32 @@ def test_a_run_without_final_and_a_checkpoint_without_its_run_are_explained(
     assert capsys.readouterr().err.strip() == (
         f"mmggem eval: error: {checkpointed_run.resolve() / 'final'} is not a run folder: "
         f"{checkpointed_run.resolve() / 'final' / 'config.yaml'} is missing")
+
+
+def test_the_runs_of_an_ablation_are_labelled_by_arm_and_seed(
+    checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An ablation writes OUT/<arm>/seed_<s>/: every arm's checkpoints go into one results folder, and the
+    exported model cards are titled by arm and seed."""
+    from huggingface_hub import ModelCard
+
+    zeroshot, _ = small_eval_sets
+    arms = ("ggem", "avg")
+    for arm in arms:
+        shutil.copytree(checkpointed_run, tmp_path / "ablation" / arm / "seed_0")
+    results = tmp_path / "results"
+    results.mkdir()
+    for arm in arms:
+        assert evaluate(tmp_path / "ablation" / arm / "seed_0", zeroshot, results, "--all-checkpoints") == 0
+    found = {(r["run"], r["step"]) for r in map(json.loads, (p.read_text() for p in results.iterdir()))}
+    assert found == {(f"{arm}/seed_0", step) for arm in arms for step in (2, 4)}
+    assert sorted(p.name for p in results.iterdir()) == sorted(
+        f"zeroshot_{arm}_seed_0_step_{step:08d}_{NAME}_en_zeroshot_classification.json" for arm in arms for step in (2, 4))
+    capsys.readouterr()
+    assert cli_main(["eval", "summary", str(results), "--output", str(tmp_path / "summary.csv")]) == 0
+    assert sorted(row["run"] for row in csv.DictReader((tmp_path / "summary.csv").open())) == [
+        "avg/seed_0", "avg/seed_0", "ggem/seed_0", "ggem/seed_0"]
+    for arm in arms:
+        assert cli_main(["export", str(tmp_path / "ablation" / arm / "seed_0"), str(tmp_path / f"card_{arm}")]) == 0
+        card = ModelCard.load(tmp_path / f"card_{arm}" / "README.md")
+        assert card.text.lstrip().startswith(f"# {arm}/seed_0\n") and card.data.model_name == f"{arm}/seed_0"

@@ -54,7 +54,7 @@ def test_an_intermediate_checkpoint_exports_loads_and_evaluates_as_itself(
 
     card = ModelCard.load(out / "README.md")
     assert (card.data.library_name, card.data.license, card.data.pipeline_tag) == (
-        "open_clip", "mit", "zero-shot-image-classification")
+        "mmggem", "mit", "zero-shot-image-classification")  # GGeM: open_clip cannot load it
     assert {"mmggem", "pooling-ggem", NAME} <= set(card.data.tags)
     logged = logged_evaluation(checkpointed_run, 2)
     found = [(r.task_type, r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results]
@@ -125,3 +125,53 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused_by_export_and_eval
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"mmggem eval: {expected}")
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("pooling", "library"), [("avg", "open_clip"), ("cls", "open_clip"), ("ggem", "mmggem"),
+                                                  ("gem", "mmggem")])
+def test_the_card_names_open_clip_only_for_models_open_clip_loads(pooling: str, library: str, tmp_path: Path) -> None:
+    import open_clip
+
+    from mmggem.model_card import model_card
+    from mmggem.runs import ModelSource
+
+    folder = mmggem.save_model(mmggem.create_model(NAME, pooling=pooling), tmp_path / pooling)
+    card = model_card(mmggem.load(folder)[0], ModelSource(folder), [], "mit")
+    assert card.data.library_name == library
+    assert ("open_clip" in card.data.tags) == (library == "open_clip")
+    if library == "open_clip":
+        open_clip.create_model(f"local-dir:{folder}")
+    else:
+        with pytest.raises(TypeError, match="needs mmggem"):
+            open_clip.create_model(f"local-dir:{folder}")
+
+
+def test_eval_and_export_of_a_checkpoint_without_a_manifest_warn_as_resume_does(
+    checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mmggem.checkpoint import unverified_message
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_00000002"
+    shutil.copytree(checkpointed_run / "checkpoints" / checkpoint.name, checkpoint)
+    shutil.copy(checkpointed_run / "config.yaml", run / "config.yaml")
+    (checkpoint / "manifest.json").unlink()  # as written before manifests existed
+    warning = f"WARNING: {unverified_message(checkpoint.resolve())}"
+    assert warning == (f"WARNING: {checkpoint.resolve()} has no manifest.json (written before mmggem verified "
+                       "checkpoints): its files are not checked")
+    capsys.readouterr()
+    assert cli_main(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
+    assert capsys.readouterr().err.splitlines() == [warning]
+    assert evaluate(checkpoint, small_eval_sets[0], tmp_path / "results.json") == 0
+    assert capsys.readouterr().err.splitlines() == [warning]
+
+
+def test_export_of_an_unfinished_run_names_its_checkpoints_and_no_option_it_lacks(
+    checkpointed_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(checkpointed_run, unfinished, ignore=shutil.ignore_patterns("final"))
+    assert cli_main(["export", str(unfinished), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mmggem export: error: run {unfinished} has no final/ model (training has not finished); its checkpoints: "
+        "step_00000002, step_00000004: pass one of them")
