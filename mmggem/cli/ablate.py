@@ -1,7 +1,8 @@
-"""`mmggem ablate CONFIG --poolings cls,avg,max,gem,ggem --seeds 3`: the pooling ablation."""
+"""`mmggem ablate CONFIG --poolings cls,avg,max,gem,ggem --seeds 3 [--dry-run]`: the pooling ablation."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics", default=",".join(SUMMARY_METRICS),
                         help="metric names to tabulate, for every evaluation set that reports them "
                              "(default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and every arm's overrides, print the planned runs (arm, seed, "
+                             "folder, finished, resumable or new) and exit without training")
     parser.set_defaults(func=run)
 
 
@@ -57,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     for arm in arms:  # a typo in a variant's overrides fails now, not after hours of the other arms
         load_config(args.config, [*args.overrides, *arm.run_overrides])
-    state = PartialState()
     runs = plan_runs(args.output_dir, arms, args.seeds)
+    if args.dry_run:
+        from ..dry_run import describe_ablation, report
+
+        return report(functools.partial(describe_ablation, cfg, runs))
+    state = PartialState()
     device = state.local_process_index if state.device.type == "cuda" else None
     failed = run_all(args.config, runs, args.overrides, args.parallel, state.process_index, state.num_processes,
                      device, tags=cfg.log.tags)

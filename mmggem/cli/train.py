@@ -1,7 +1,8 @@
-"""`mmggem train CONFIG [key=value ...]`: train, directly or under `accelerate launch`."""
+"""`mmggem train CONFIG [key=value ...] [--dry-run]`: train, directly or under `accelerate launch`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from ..config import load_config
@@ -19,16 +20,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and overrides, print the resolved config and what would run "
+                             "(processes, precision, steps, batch, shards, evaluation sets, resume) and exit "
+                             "without building a model or writing anything")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and check the config (a ConfigError stops before any work), train, return the run's exit code.
+    """Load and check the config (a ConfigError stops before any work), then describe the run (``--dry-run``)
+    or train it and return the run's exit code.
 
     A diverged run is an outcome, not a bug: its message (the step and the last good checkpoint) is printed
     as one line and the command exits 1.
     """
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from ..dry_run import describe_run, report
+
+        return report(functools.partial(describe_run, cfg))
     from ..train import TrainingDiverged, train
 
     try:
