@@ -10,7 +10,8 @@ Synopsis brackets (``[--classnames FILE]``, ``[a|b]``) keep their first alternat
 
 Checked: ``train`` and ``ablate`` with ``--dry-run``, in this process through :func:`mmggem.cli.main`
 with the working directory at the repository root, so the config file, every key and every flag is
-checked as a run would check it; the other subcommands have their flags parsed by the real parser
+checked as a run would check it, and so are the files its launcher reads (accelerate's ``--config_file``,
+the SLURM script); the other subcommands have their flags parsed by the real parser
 without running (``demo`` also has its overrides read over the demo recipe). A config path that is a
 placeholder (``/path/to/...``, ``<...>``, ``$VAR``, ``~/...``, an upper-case word, a file outside the
 repository that is not there) skips that command with a note; a config inside the repository must exist.
@@ -57,6 +58,7 @@ class Command:
     line: int
     text: str
     argv: tuple[str, ...]
+    launcher_files: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -203,6 +205,13 @@ def mmggem_argv(words: list[str]) -> list[str] | None:
     return None
 
 
+def launcher_files(words: list[str]) -> tuple[str, ...]:
+    """The files the launcher of a command reads: accelerate's ``--config_file`` and the SLURM script."""
+    named = [words[i + 1] for i, word in enumerate(words[:-1]) if word in ("--config_file", "--config-file")]
+    named += [word.partition("=")[2] for word in words if word.startswith(("--config_file=", "--config-file="))]
+    return tuple(named + [word for word in words if word.endswith(SLURM_SCRIPT)])
+
+
 def documented_commands(path: Path) -> list[Command]:
     """Every mmggem invocation in the shell blocks of the Markdown file ``path``."""
     found = []
@@ -212,7 +221,8 @@ def documented_commands(path: Path) -> list[Command]:
                 argv = mmggem_argv(words)
                 if argv is not None:
                     argv = [word for word in argv if word not in _METAVARS]
-                    found.append(Command(display_path(path), number, " ".join(text.split()), tuple(argv)))
+                    found.append(Command(display_path(path), number, " ".join(text.split()), tuple(argv),
+                                         launcher_files(words)))
     return found
 
 
@@ -268,6 +278,9 @@ def _config_of(argv: list[str]) -> str | None:
 
 def check_command(command: Command) -> Check:
     """Run one documented command's check; see the module docstring for what is checked."""
+    missing = [name for name in command.launcher_files if not is_placeholder(name) and not (ROOT / name).exists()]
+    if missing:
+        return _failure(command, f"the launcher's {missing[0]} does not exist")
     argv = list(command.argv)
     subcommand = next((word for word in argv if not word.startswith("-")), None)
     if subcommand in CHECKED_BY_DRY_RUN:
@@ -281,7 +294,12 @@ def check_command(command: Command) -> Check:
     if code == 0:
         return Check(command)
     errors = [line for line in output.splitlines() if "error" in line.lower()] or output.splitlines()[-3:]
-    return Check(command, failure=f"{command.where}: {command.text}\n    exit {code}: " + "\n    ".join(errors))
+    return _failure(command, f"exit {code}: " + "\n    ".join(errors))
+
+
+def _failure(command: Command, detail: str) -> Check:
+    """A failed check, reported as ``FILE:LINE: COMMAND`` and the indented ``detail``."""
+    return Check(command, failure=f"{command.where}: {command.text}\n    {detail}")
 
 
 def check_file(path: Path) -> list[Check]:

@@ -29,22 +29,26 @@ mmggem train configs/demo.yaml \\
 mmggem eval zeroshot --checkpoint runs/x/final --dataset /data/set --bogus-flag
 mmggem train /path/to/your.yaml train.steps=20
 mmggem train configs/no_such_config.yaml
+accelerate launch --config_file launch/accelerate/no_such.yaml -m mmggem train configs/demo.yaml
+mmggem demo --output-dir runs/d train.stepz=3
 ```
 """
 
 
-def test_a_wrong_key_a_wrong_flag_and_a_missing_config_are_reported(tmp_path: Path) -> None:
+def test_a_wrong_key_a_wrong_flag_and_missing_files_are_reported(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text(PLANTED)
     checks = check_file(page)
-    assert len(checks) == 5
-    passed, wrong_key, wrong_flag, placeholder, missing = checks
+    assert len(checks) == 7
+    passed, wrong_key, wrong_flag, placeholder, missing, moved_launch_config, demo_key = checks
     assert passed.failure is None and passed.skipped is None
     assert wrong_key.failure.startswith(f"{page}:5: mmggem train configs/demo.yaml train.lrr=1")
     assert "unknown key train.lrr" in wrong_key.failure
     assert wrong_flag.failure.startswith(f"{page}:7: ") and "unrecognized arguments: --bogus-flag" in wrong_flag.failure
     assert placeholder.failure is None and "placeholder" in placeholder.skipped
     assert "config file not found: configs/no_such_config.yaml" in missing.failure
+    assert "the launcher's launch/accelerate/no_such.yaml does not exist" in moved_launch_config.failure
+    assert "mmggem demo: error: unknown key train.stepz" in demo_key.failure
 
 
 FORMS = """\
