@@ -40,7 +40,7 @@ from .fileio import atomic_directory
 from .hub import CONFIG_FILE, download_model_folder, is_hub_name
 from .open_clip_view import open_clip_model_cfg
 from .pooling import build_pooler
-from .pretrained import resolve_pretrained
+from .pretrained import resolve_pretrained, tag_quick_gelu
 from .text_length import TrimmableCLIP
 from .transforms import image_transform
 
@@ -156,7 +156,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # the pooler's own draws leave the global stream where it was
         pooler = build_pooler(spec.pooling, width, heads, **spec.pooling_kwargs)
     PooledVisionTransformer.adopt(model.visual, pooler)
-    preprocess_cfg = {**asdict(PreprocessCfg()), "size": model.visual.image_size, **spec.preprocess_cfg}
+    # the tower's own image size last, as open_clip's factory sets it over a tag's or repo's preprocessing
+    preprocess_cfg = {**asdict(PreprocessCfg()), **spec.preprocess_cfg, "size": model.visual.image_size}
     set_model_preprocess_cfg(model, preprocess_cfg)
     model.mmggem_spec = ModelSpec(spec.name, spec.model_cfg, spec.pooling, dict(spec.pooling_kwargs), preprocess_cfg,
                                   spec.text_source)
@@ -185,19 +186,26 @@ def create_model(
             ``.safetensors``), a folder written by :func:`save_model`, an open_clip
             pretrained tag of ``name`` (``"laion2b_s34b_b88k"``) or an ``hf-hub:org/repo``
             name (see :func:`resolve_pretrained`); every weight must load except the
-            pooler's own parameters.
+            pooler's own parameters. What travels with the weights applies as in
+            ``open_clip.create_model_and_transforms``: the preprocessing of a tag, repo or
+            folder; a repo's model config (it replaces ``name``'s, text tower and tokenizer
+            included); a tag's ``quick_gelu`` (:func:`mmggem.pretrained.tag_quick_gelu`).
         cache_dir: where open_clip keeps downloaded weights for tags and ``hf-hub:``
             names; None for its defaults (Hugging Face's cache, ``~/.cache/clip``).
         overrides: merged into the open_clip model config, nested dicts merged
             key by key, e.g. ``vision_cfg={"final_ln_after_pool": True, "patch_dropout": 0.5}``.
     """
-    weights = resolve_pretrained(name, pretrained, cache_dir) if pretrained is not None else None
-    model_cfg = deep_merge(_model_cfg(name), overrides)
+    source = resolve_pretrained(name, pretrained, cache_dir) if pretrained is not None else None
+    model_cfg = deep_merge(source.model_cfg if source and source.model_cfg else _model_cfg(name), overrides)
+    if source is not None and source.quick_gelu is not None:
+        model_cfg["quick_gelu"] = tag_quick_gelu(name, source, bool(model_cfg.get("quick_gelu", False)),
+                                                 explicit="quick_gelu" in overrides)
     if text_tower is not None:
         model_cfg["text_cfg"] = deep_merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
-    model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {})))
-    if weights is not None:
-        load_pretrained(model, weights)
+    model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {}),
+                                  preprocess_cfg=source.preprocess_cfg if source else {}))
+    if source is not None:
+        load_pretrained(model, source.weights)
     return model
 
 

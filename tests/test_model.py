@@ -204,7 +204,7 @@ def test_an_open_clip_tag_resolves_to_its_file_in_the_cache(tmp_path: Path, monk
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
-    path = resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path)
+    path = resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path).weights
     assert path.read_bytes() == b"weights"
 
 

@@ -20,7 +20,7 @@ an open_clip model repo), or ``open_clip:NAME`` with a checkpoint file, pretrain
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -183,11 +183,17 @@ def load_run_model(source: "ModelSource") -> LoadedModel:
 
 
 def _load_open_clip(name: str, pretrained: str | None, cache_dir: str | None) -> LoadedModel:
-    import open_clip
-    from open_clip.pretrained import get_pretrained_cfg
+    """open_clip's model ``name`` with ``pretrained``, built by open_clip's factory as it builds it itself.
 
+    A tag brings its preprocessing and, through ``force_quick_gelu``, its QuickGELU (open_clip only warns
+    of a config without it); an ``hf-hub:`` repo is open_clip's ``hf-hub:`` name, so its config, preprocessing
+    and tokenizer apply, not those of ``name``; a file gets ``name``'s defaults.
+    """
+    import open_clip
+
+    from ..hub import is_hub_name
     from ..model import MODEL_CONFIG_DIR
-    from ..pretrained import resolve_pretrained
+    from ..pretrained import resolve_pretrained, tag_quick_gelu
 
     if pretrained is None:
         raise UsageError(f"open_clip:{name} needs --pretrained: a checkpoint file, one of its pretrained tags "
@@ -195,21 +201,26 @@ def _load_open_clip(name: str, pretrained: str | None, cache_dir: str | None) ->
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     if name not in open_clip.list_models():
         raise UserError(f"open_clip has no model {name!r}; known: {', '.join(open_clip.list_models())}")
-    weights = resolve_pretrained(name, pretrained, cache_dir)
-    if weights.is_dir():
+    source = resolve_pretrained(name, pretrained, cache_dir)
+    if source.weights.is_dir():
         raise UsageError(f"--pretrained {pretrained} is a whole mmggem model: evaluate it with --checkpoint {pretrained}")
-    # open_clip takes a tag itself, so the tag's own preprocessing (mean, std, resizing) comes with it
-    is_tag = not Path(pretrained).exists() and get_pretrained_cfg(name, pretrained)
-    return _open_clip_model(name, pretrained if is_tag else str(weights), pretrained, cache_dir)
+    if is_hub_name(pretrained):  # results are filed under NAME, as for any --pretrained
+        return replace(_open_clip_model(pretrained, None, pretrained, cache_dir), model_name=name)
+    configured = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    if tag_quick_gelu(name, source, configured, explicit=configured) != configured:  # open_clip can only force it on
+        return _open_clip_model(name, pretrained, pretrained, cache_dir, force_quick_gelu=True)
+    return _open_clip_model(name, pretrained if source.tag else str(source.weights), pretrained, cache_dir)
 
 
-def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir: str | None) -> LoadedModel:
+def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir: str | None,
+                     force_quick_gelu: bool = False) -> LoadedModel:
     """open_clip's own model, transform and tokenizer for ``name`` (or an ``hf-hub:`` name) and ``weights``."""
     import open_clip
 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, cache_dir=cache_dir,
-                                                                     require_pretrained=True)
+                                                                     require_pretrained=True,
+                                                                     force_quick_gelu=force_quick_gelu)
     except (RuntimeError, AssertionError, KeyError, TypeError) as error:  # open_clip's loader raises all of these
         detail = str(error)[:2000] or type(error).__name__
         raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
