@@ -60,6 +60,7 @@ class DataConfig:
     workers: int = 2
     accept_changed_shards: bool = False
     augment: dict = field(default_factory=dict)
+    stall_warn_s: float = 300.0  # warn, naming the shards, after this long without a batch; 0: never
 
 
 @dataclass
@@ -289,7 +290,8 @@ def _validate(cfg: RunConfig) -> None:
     # checked here, naming the key, rather than by AdamW, the schedule or the loaders in the middle of a run
     not_negative = {"train.weight_decay": cfg.train.weight_decay, "train.adam_eps": cfg.train.adam_eps,
                     "train.warmup_steps": cfg.train.warmup_steps, "data.workers": cfg.data.workers,
-                    "data.shuffle_buffer": cfg.data.shuffle_buffer, "eval.workers": cfg.eval.workers}
+                    "data.shuffle_buffer": cfg.data.shuffle_buffer, "eval.workers": cfg.eval.workers,
+                    "data.stall_warn_s": cfg.data.stall_warn_s}
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")

@@ -61,3 +61,27 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem ``path`` (or its nearest existing parent) is on."""
+    current = Path(os.path.abspath(path))
+    while not current.exists():
+        current = current.parent
+    while not os.path.ismount(current):
+        current = current.parent
+    return current
+
+
+def describe_filesystem(path: str | os.PathLike) -> str:
+    """``path``'s filesystem as one names it: its mount point, with the device and type where /proc/mounts says."""
+    mount, found = mount_point(path), None
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:  # the last entry of a mount point is the one on top
+                device, point, kind = line.split()[:3]
+                if Path(point.replace("\\040", " ")) == mount:
+                    found = f"{mount} ({kind} on {device})"
+    except OSError:
+        pass
+    return found or str(mount)

@@ -16,6 +16,13 @@ device value is read, and with NCCL training the exchange never waits for the
 GPU. A second signal while the checkpoint is written only raises the flag again
 and cannot interrupt the save. ``train.stop_at_step`` needs no exchange: every
 process knows the step.
+
+A cluster signals every process of the job, the DataLoader's workers too; they do not act on
+it (:mod:`mmggem.data.watch`), so the main process still reaches its stop check. A single
+process that is waiting for a batch when the signal comes (a stalled shard) stops at once: the
+handler raises :class:`StopRequested` out of the wait, and the run checkpoints the last
+completed step. With several processes the others may already be inside the next step's
+collectives, so a waiting rank keeps waiting and the stall warning names the shard.
 """
 from __future__ import annotations
 
@@ -30,8 +37,17 @@ import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal or train.time_limit; resume with train.resume=latest
+EXIT_DISK_FULL = 74  # EX_IOERR: a checkpoint did not fit on the disk; free space, then resume with train.resume=latest
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _REASONS = {0: None, 2: "time_limit", 3: "signal"}  # MAX over processes: a signal wins over the clock
+
+
+class StopRequested(BaseException):
+    """Raised by the signal handler out of a single process's wait for a batch.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way (the
+    DataLoader's, a reader's) takes it for a failure.
+    """
 
 
 class StopControl:
@@ -49,6 +65,7 @@ class StopControl:
         self._group = dist.new_group(backend="gloo") if self._distributed else None
         self._flag = np.zeros(1, dtype=np.int64)  # host memory the all-reduce writes into
         self._pending: dist.Work | None = None
+        self._waiting = False
 
     @contextmanager
     def catching_signals(self) -> Iterator[None]:
@@ -62,6 +79,23 @@ class StopControl:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self._waiting:
+            self._waiting = False  # a second signal must not interrupt the checkpoint
+            raise StopRequested(self.signal_name)
+
+    @contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """A wait for a batch that a stop signal ends with :class:`StopRequested` (one process only)."""
+        if self._distributed:
+            yield
+            return
+        if self.signal_name is not None:
+            raise StopRequested(self.signal_name)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def _local_code(self) -> int:
         if self.signal_name is not None:

@@ -15,8 +15,9 @@ accumulation changes memory use, not the loss.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, read_data_states, resolve_resume, save_checkpoint
+from .checkpoint import (CheckpointDiskFull, list_checkpoints, load_checkpoint, read_data_states, resolve_resume,
+                         save_checkpoint)
 from .config import RunConfig, parse_duration, save_config, to_dict
 from .data.device import DeviceNormalizer, split_transform, to_device
 from .data.loader import TrainLoader
@@ -41,12 +43,19 @@ from .model_from_config import model_from_config
 from .nonfinite import NonFiniteSteps, optimizer_step
 from .optim import build_optimizer, cosine_schedule
 from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
-from .stopping import EXIT_REQUEUE, StopControl
+from .stopping import EXIT_DISK_FULL, EXIT_REQUEUE, StopControl, StopRequested
 from .step_metrics import StepTimer, max_over_processes, peak_memory_gb, pool_exponents, skipped_samples, step_metrics
 from .text_length import text_trim, trimming
 from .tracking import RunLog, start_trackers, trackers
 
 log = logging.getLogger(__name__)
+
+EXIT_CODE_FILE = "exit_code"
+"""``OUTPUT_DIR/exit_code``: the code of a run that stopped early (75 or 74), written by the main process as
+its last act and removed when a run starts. Under ``accelerate launch`` the launcher itself exits 1 after
+a signal (torch's elastic agent re-raises it), so scripts read the run's own code here
+(docs/distributed.md)."""
+_EXIT_CODES = {"signal": EXIT_REQUEUE, "time_limit": EXIT_REQUEUE, "disk_full": EXIT_DISK_FULL}
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,7 +85,8 @@ class TrainOutcome:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_REQUEUE if self.stopped_by in ("signal", "time_limit") else 0
+        """75 after a signal or the time limit, 74 after a full disk (resume once space is freed), else 0."""
+        return _EXIT_CODES.get(self.stopped_by, 0)
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
@@ -168,8 +178,12 @@ def train(cfg: RunConfig) -> TrainOutcome:
             outcome = run.loop()
             if outcome.stopped_by is None:
                 outcome.evaluations, outcome.final = run.evaluate_and_export()
+            elif outcome.exit_code and run.accelerator.is_main_process:
+                with suppress(OSError):  # a full disk may refuse even this; the process's code says it too
+                    (Path(cfg.output_dir) / EXIT_CODE_FILE).write_text(f"{outcome.exit_code}\n")
             return outcome
     finally:
+        run.loader.close()
         run.stop.close()
         run.run_log.finish()
 
@@ -190,6 +204,7 @@ def _start_run(cfg: RunConfig) -> _Run:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
+        (output_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
     model = model_from_config(cfg)
@@ -215,12 +230,14 @@ def _start_run(cfg: RunConfig) -> _Run:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     trim = text_trim(accelerator.unwrap_model(model, keep_torch_compile=False)) if cfg.model.trim_text else None
+    stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
     loader = TrainLoader(
         cfg.data.train, transform=train_transform, tokenizer=trimming(tokenizer, trim), batch_size=cfg.train.batch_size,
         num_workers=cfg.data.workers, seed=cfg.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_samples=cfg.data.num_samples,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=accelerator.device.type == "cuda", stall_warn_s=cfg.data.stall_warn_s,
+        waiting=stop.waiting_for_data,
     )
     approximate = saved is not None and not restore_data_position(loader, resume_from, saved["world_size"],
                                                                   accelerator, cfg)
@@ -231,7 +248,6 @@ def _start_run(cfg: RunConfig) -> _Run:
     run_log.note({"run/precision": accelerator.mixed_precision})
     if approximate:
         run_log.log({"data/resumed_approximately": 1}, state.step)
-    stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
     return _Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=loss_fn, loader=loader, normalizer=DeviceNormalizer(normalization, accelerator.device),
                 tokenizer=tokenizer, run_log=run_log, stop=stop, state=state)
@@ -270,7 +286,10 @@ class _Run:
         try:
             while state.step < cfg.train.steps:
                 fetch_start = time.perf_counter()
-                images, texts = next(data_iter)
+                try:
+                    images, texts = next(data_iter)
+                except StopRequested:  # a signal while one process waited for a batch: stop after the last step
+                    return self._stop(outcome, "signal", nonfinite, timer)
                 timer.waited(time.perf_counter() - fetch_start)
                 images, texts = to_device(images, texts, accelerator.device, self.normalizer)
                 loss = train_step(self.model, self.loss_fn, accelerator, images, texts, cfg.train.accum_steps)
@@ -300,19 +319,27 @@ class _Run:
                     self.model.train()
 
                 stopped_by = self.stop.check(state.step)
-                if stopped_by and not checkpoint_step:
-                    self._read_nonfinite(nonfinite)
-                periodic = checkpoint_step and state.bad_steps_in_a_row == 0
-                if periodic or stopped_by or state.step == cfg.train.steps:
+                if stopped_by:
+                    return self._stop(outcome, stopped_by, nonfinite, timer, read_counters=not checkpoint_step)
+                if checkpoint_step and state.bad_steps_in_a_row == 0 or state.step == cfg.train.steps:
                     with timer.paused():
                         outcome.checkpoint = self._save()
-                if stopped_by:
-                    accelerator.print(f"stopped at step {state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
-                    outcome.step, outcome.stopped_by = state.step, stopped_by
-                    return outcome
+        except CheckpointDiskFull as error:
+            return self._disk_full(outcome, error)
         finally:
             progress.close()
         outcome.step = state.step
+        return outcome
+
+    def _stop(self, outcome: TrainOutcome, stopped_by: str, nonfinite: NonFiniteSteps, timer: StepTimer,
+              read_counters: bool = True) -> TrainOutcome:
+        """End the loop early: checkpoint the last completed step and say why it stopped."""
+        if read_counters:
+            self._read_nonfinite(nonfinite)
+        with timer.paused():
+            outcome.checkpoint = self._save()
+        self.accelerator.print(f"stopped at step {self.state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
+        outcome.step, outcome.stopped_by = self.state.step, stopped_by
         return outcome
 
     def evaluate_and_export(self) -> tuple[list[EvalResult], Path | None]:
@@ -365,3 +392,10 @@ class _Run:
     def _save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.state.step, vars(self.state),
                                self.loader.state_dict(), self.scheduler.state_dict(), self.cfg.train.keep_checkpoints)
+
+    def _disk_full(self, outcome: TrainOutcome, error: CheckpointDiskFull) -> TrainOutcome:
+        """The run cannot checkpoint: say so in one line (on stderr, as the CLI's errors) and stop."""
+        if self.accelerator.is_main_process:
+            print(f"mmggem train: error: {error} (exit {EXIT_DISK_FULL})", file=sys.stderr, flush=True)
+        outcome.step, outcome.stopped_by, outcome.checkpoint = self.state.step, "disk_full", None
+        return outcome

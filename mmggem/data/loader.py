@@ -38,6 +38,7 @@ who reads which shard with which seed: :mod:`~mmggem.data.schedule`; the positio
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,6 +50,7 @@ from .schedule import Schedule, Setup
 from .shards import Source, count_samples, is_remote, parse_spec
 from .state import BatchTag, LoaderState, check_version
 from .stream import Stream
+from .watch import ReadBoard, StallWatch
 from ..errors import UserError
 
 __all__ = ["TrainLoader", "Source", "count_samples", "is_remote", "parse_spec"]
@@ -66,6 +68,13 @@ class TrainLoader:
     the loader: epochs follow each other in the same workers, which already prefetch the next epoch's
     first batches while the current one ends. ``pin_memory`` puts batches in page-locked memory for
     non-blocking copies to a GPU.
+
+    The worker processes outlive a stop signal (:mod:`mmggem.data.watch`) until :meth:`close`.
+    With ``stall_warn_s`` > 0, a wait of that long for a batch prints a warning naming the
+    shard each worker is reading. ``waiting()``, when given, is entered around each wait for a
+    batch and may end it with an exception (the trainer's stop on a signal,
+    :meth:`mmggem.stopping.StopControl.waiting_for_data`); a batch is recorded only once the
+    wait is over, so the position stays that of the batches handed out.
     """
 
     def __init__(
@@ -84,6 +93,8 @@ class TrainLoader:
         num_samples: int | None = None,
         state: dict | None = None,
         pin_memory: bool = False,
+        stall_warn_s: float = 0.0,
+        waiting: Callable[[], AbstractContextManager[None]] | None = None,
     ):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got {batch_size}, "
@@ -113,6 +124,9 @@ class TrainLoader:
         self.transform, self.tokenizer, self.pin_memory = transform, tokenizer, pin_memory
         self._state = LoaderState.start(0, workers)
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, BatchTag]] | None = None
+        self._board = ReadBoard(workers)
+        self._watch = StallWatch(self._board, rank, stall_warn_s) if stall_warn_s > 0 else None
+        self._interruptible = waiting or nullcontext
         if state is not None:
             self.load_state_dict(state)
 
@@ -120,11 +134,12 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._batches is None:
-            stream = Stream(self._schedule(), self._state, self.transform, self.tokenizer)
+            stream = Stream(self._schedule(), self._state, self.transform, self.tokenizer, self._board)
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                            pin_memory=self.pin_memory))
+                                            pin_memory=self.pin_memory, worker_init_fn=self._board.init_worker))
         while True:
-            images, tokens, tag = next(self._batches)
+            with self._waiting():
+                images, tokens, tag = next(self._batches)
             self._record(tag)
             epoch_ended = self._state.batches == self._schedule().epoch_batches(self._state.epoch)
             if epoch_ended:
@@ -132,6 +147,16 @@ class TrainLoader:
             yield images, tokens
             if epoch_ended and not self.resampled:
                 return
+
+    @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        with self._watch.waiting() if self._watch is not None else nullcontext(), self._interruptible():
+            yield
+
+    def close(self) -> None:
+        """Shut the worker processes down (a stop signal now ends them, even one blocked in a read)."""
+        self._board.close()
+        self._batches = None  # the DataLoader's iterator joins its workers, then signals those that hang
 
     def _schedule(self) -> Schedule:
         return Schedule(self.setup, self._state.override)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .samples import tar_samples
 from .schedule import Schedule, ShardSequence, mix_seed
@@ -53,11 +53,15 @@ class RawReader:
     the samples by origin (pass, shard, index) instead of holding them, and restoring it reads only
     the shards those samples and the current read position are in: the cost of a resume is bounded
     by the shards feeding the buffer, not by the position in the epoch.
+
+    ``opening(url)`` is called as each shard is opened (the stall warning names it,
+    :mod:`mmggem.data.watch`).
     """
 
     def __init__(self, schedule: Schedule, epoch: int, worker: int, skips: Counter,
-                 snapshot: ReaderSnapshot | None = None):
+                 snapshot: ReaderSnapshot | None = None, opening: Callable[[str], None] | None = None):
         self.setup, self.worker, self.skips = schedule.setup, worker, skips
+        self._opening = opening
         self.sequence = ShardSequence(schedule, epoch, worker)
         self.rng = random.Random(mix_seed(self.sequence.seed, 3))
         self.position: Origin = (0, 0, 0)  # the next sample to read
@@ -102,7 +106,7 @@ class RawReader:
                 url = self.sequence.url(pass_index, shard_index)
                 if url is None:
                     return None
-                self._shard = tar_samples(url, self.skips)
+                self._shard = self._open(url, self.skips)
             sample = next(self._shard, None)
             if sample is not None:
                 self.position = (pass_index, shard_index, sample_index + 1)
@@ -115,6 +119,11 @@ class RawReader:
                 raise RuntimeError(f"{self.empty_shards} shards in a row gave no sample (last: "
                                    f"{self.sequence.url(pass_index, shard_index)}); skipped: {dict(self.skips)}")
             self.position = (pass_index, shard_index + 1, 0)
+
+    def _open(self, url: str, skips: Counter) -> Iterator[dict[str, Any]]:
+        if self._opening is not None:
+            self._opening(url)
+        return tar_samples(url, skips)
 
     def snapshot(self) -> ReaderSnapshot:
         """The reader's state: origins, not samples."""
@@ -131,7 +140,7 @@ class RawReader:
         pass_index, shard_index, sample_index = self.position = snapshot.position
         if sample_index:  # reopen the shard being read and skip what was read of it
             url = self.sequence.url(pass_index, shard_index)
-            self._shard = tar_samples(url, self.skips)
+            self._shard = self._open(url, self.skips)
             for _ in range(sample_index):
                 if next(self._shard, None) is None:
                     raise RuntimeError(f"{url} holds fewer than the {sample_index} samples read from it before the "
@@ -143,7 +152,7 @@ class RawReader:
         for pass_index, shard_index in sorted({o[:2] for o in origins}):
             wanted = {o[2] for o in origins if o[:2] == (pass_index, shard_index)}
             url = self.sequence.url(pass_index, shard_index)
-            for index, sample in enumerate(tar_samples(url, Counter())):  # skips were counted the first time
+            for index, sample in enumerate(self._open(url, Counter())):  # skips were counted the first time
                 if index in wanted:
                     found[(pass_index, shard_index, index)] = sample
                 if index >= max(wanted):

@@ -11,6 +11,7 @@ import random
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -22,6 +23,7 @@ from .reader import RawReader
 from .samples import decode_sample
 from .schedule import Schedule
 from .state import BatchTag, LoaderState, WorkerState
+from .watch import ReadBoard
 
 MAX_CONSECUTIVE_SKIPS = 10_000
 """A worker that skips this many samples in a row stops with an error: its data is unusable."""
@@ -32,15 +34,16 @@ Batch = tuple[torch.Tensor, torch.Tensor, BatchTag]
 class Stream(IterableDataset):
     """The batches of one rank from ``start`` on, without end; each DataLoader worker yields its slot's share.
 
-    Picklable: the DataLoader sends it to its worker processes.
+    Picklable: the DataLoader sends it to its worker processes. Each slot notes the shards it opens
+    on ``board`` (:mod:`mmggem.data.watch`).
     """
 
     def __init__(self, schedule: Schedule, start: LoaderState, transform: Callable[[Image.Image], torch.Tensor],
-                 tokenizer: Callable[[list[str]], torch.Tensor]):
+                 tokenizer: Callable[[list[str]], torch.Tensor], board: ReadBoard | None = None):
         super().__init__()
         self.schedule = schedule
         self.start = replace(start, workers=list(start.workers))  # the loader's own state moves on as batches arrive
-        self.transform, self.tokenizer = transform, tokenizer
+        self.transform, self.tokenizer, self.board = transform, tokenizer, board
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -66,17 +69,18 @@ class Stream(IterableDataset):
                 raise RuntimeError(f"loader state is inconsistent: worker {worker} consumed {start.batches} batches, "
                                    f"its next one is batch {index} of the epoch")
             served = 0
-            for batch in self._worker_batches(epoch, worker, start):
+            for batch in self._worker_batches(epoch, worker, start, slot):
                 served += 1
                 yield batch
             index += served * slots
 
-    def _worker_batches(self, epoch: int, worker: int, start: WorkerState) -> Iterator[Batch]:
-        """The rest of logical ``worker``'s part of ``epoch`` from ``start``."""
+    def _worker_batches(self, epoch: int, worker: int, start: WorkerState, slot: int) -> Iterator[Batch]:
+        """The rest of logical ``worker``'s part of ``epoch`` from ``start``, read by DataLoader worker ``slot``."""
         setup = self.schedule.setup
         quota = self.schedule.quota(epoch, worker)
         skips: Counter = Counter(start.skipped)
-        raw = RawReader(self.schedule, epoch, worker, skips, start.reader)
+        opening = None if self.board is None else partial(self.board.reading, slot)
+        raw = RawReader(self.schedule, epoch, worker, skips, start.reader, opening)
         base_seed = raw.sequence.seed
         pulled, batches, consecutive_skips = start.pulled, start.batches, 0
         images: list[torch.Tensor] = []
