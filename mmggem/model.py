@@ -171,6 +171,7 @@ def create_model(
     text_tower: str | dict[str, Any] | None = None,
     pretrained: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    load_weights: bool = True,
     **overrides: Any,
 ) -> nn.Module:
     """Build a CLIP model whose image tower pools its tokens with ``pooling``.
@@ -192,10 +193,13 @@ def create_model(
             included); a tag's ``quick_gelu`` (:func:`mmggem.pretrained.tag_quick_gelu`).
         cache_dir: where open_clip keeps downloaded weights for tags and ``hf-hub:``
             names; None for its defaults (Hugging Face's cache, ``~/.cache/clip``).
+        load_weights: False builds the model ``pretrained`` describes (config, preprocessing,
+            activation) without its weights: the shell a checkpoint of a run that started from
+            them loads into.
         overrides: merged into the open_clip model config, nested dicts merged
             key by key, e.g. ``vision_cfg={"final_ln_after_pool": True, "patch_dropout": 0.5}``.
     """
-    source = resolve_pretrained(name, pretrained, cache_dir) if pretrained is not None else None
+    source = resolve_pretrained(name, pretrained, cache_dir, load_weights) if pretrained is not None else None
     model_cfg = deep_merge(source.model_cfg if source and source.model_cfg else _model_cfg(name), overrides)
     if source is not None and source.quick_gelu is not None:
         model_cfg["quick_gelu"] = tag_quick_gelu(name, source, bool(model_cfg.get("quick_gelu", False)),
@@ -204,7 +208,7 @@ def create_model(
         model_cfg["text_cfg"] = deep_merge(model_cfg["text_cfg"], _text_tower_cfg(text_tower))
     model = build_model(ModelSpec(name, model_cfg, pooling, dict(pooling_kwargs or {}),
                                   preprocess_cfg=source.preprocess_cfg if source else {}))
-    if source is not None:
+    if source is not None and source.weights is not None:
         load_pretrained(model, source.weights)
     return model
 

@@ -31,8 +31,9 @@ def model_from_config(cfg: RunConfig, load_pretrained: bool = True) -> nn.Module
         pooling=cfg.model.pooling,
         pooling_kwargs=cfg.model.pooling_kwargs,
         text_tower=cfg.model.text_tower or None,
-        pretrained=(cfg.model.pretrained or None) if load_pretrained else None,
+        pretrained=cfg.model.pretrained or None,  # without its weights, what travels with them still applies
         cache_dir=cfg.model.cache_dir or None,
+        load_weights=load_pretrained,
         **overrides,
     )
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)

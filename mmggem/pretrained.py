@@ -27,8 +27,7 @@ import open_clip
 from open_clip.transform import merge_preprocess_dict
 
 from .errors import MissingPathError, UserError
-from .hub import (CONFIG_FILE, HF_HUB_PREFIX, cache_folder, download_model_folder, fetch_config, is_hub_name,
-                  is_mmggem_repo)
+from .hub import CONFIG_FILE, HF_HUB_PREFIX, cache_folder, download_model_folder, fetch_config, is_hub_name
 
 QUICKGELU_SUFFIX = "-quickgelu"
 """open_clip's name for a config whose activation is QuickGELU (``ViT-B-32-quickgelu``)."""
@@ -42,17 +41,18 @@ class Pretrained:
     ``preprocess_cfg`` holds the keys of ``open_clip.transform.PreprocessCfg`` the source sets (none for a
     bare file); ``model_cfg`` is a Hub repo's model config, which replaces the named model's (None
     otherwise); ``quick_gelu`` is a tag's activation (open_clip reads a missing key as False; None when
-    ``pretrained`` is no tag).
+    ``pretrained`` is no tag); ``weights`` is None where they were not fetched.
     """
 
-    weights: Path
+    weights: Path | None
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     model_cfg: dict[str, Any] | None = None
     tag: str = ""
     quick_gelu: bool | None = None
 
 
-def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path | None = None) -> Pretrained:
+def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path | None = None,
+                       fetch_weights: bool = True) -> Pretrained:
     """The weights ``pretrained`` names for model ``name``, with their preprocessing and config (module docstring).
 
     An existing path is used as is. An ``hf-hub:org/repo`` name of an mmggem model (its config has
@@ -62,6 +62,8 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
     download code into ``cache_dir``, or taken from there when it is cached (with
     ``HF_HUB_OFFLINE=1``, or no network, only the cache is read). Anything else, or weights that
     cannot be fetched, is a :class:`UserError` naming the tag, the cache folder and how to fill it.
+    Without ``fetch_weights`` only what travels with the weights is read (``weights`` is None): what a
+    checkpoint of a run that started from them is rebuilt with.
     """
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -69,21 +71,25 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
     cache = str(cache_dir) if cache_dir else None
     if Path(text).exists():
         return _local(Path(text))
-    if is_hub_name(text) and is_mmggem_repo(text, cache):
-        return _local(download_model_folder(text, cache))
-    if is_hub_name(text):  # open_clip's form for a repo's default weights file: 'org/repo/'
+    if is_hub_name(text):
         config = fetch_config(text, cache)
+        if "mmggem" in config:  # the whole folder, so that the pooler's parameters load too
+            weights = download_model_folder(text, cache) if fetch_weights else None
+            return Pretrained(weights, _preprocess_keys(config.get("preprocess_cfg")))
         if not isinstance(config.get("model_cfg"), dict):
             raise UserError(f"{text}: its {CONFIG_FILE} has no 'model_cfg' section, which open_clip's hf-hub: "
                             "loader needs as well")
-        weights = _download(text, {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}, cache)
-        return Pretrained(weights, _preprocess_keys(config.get("preprocess_cfg")), config["model_cfg"])
+        source = {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}  # open_clip's form: the default file
+        return Pretrained(_download(text, source, cache) if fetch_weights else None,
+                          _preprocess_keys(config.get("preprocess_cfg")), config["model_cfg"])
     source = get_pretrained_cfg(name, text)
+    if not source and not fetch_weights:  # a weights file moved since training: nothing else came with it
+        return Pretrained(None)
     if not source:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise MissingPathError(f"pretrained weights not found: {text} is neither a file or folder nor an "
                                f"open_clip tag of {name!r} (its tags: {', '.join(tags) or 'none'})")
-    return Pretrained(_download(text, source, cache), _preprocess_keys(source), tag=text,
+    return Pretrained(_download(text, source, cache) if fetch_weights else None, _preprocess_keys(source), tag=text,
                       quick_gelu=bool(source.get("quick_gelu", False)))
 
 

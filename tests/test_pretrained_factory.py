@@ -154,3 +154,21 @@ def test_eval_of_open_clip_name_with_a_hub_repo_or_a_tag_is_open_clips_own(fake_
     loaded = load_model(f"open_clip:{NAME}", fake_tag)
     assert_same_as_open_clip(loaded.model, loaded.preprocess, loaded.tokenizer, reference, reference_preprocess,
                              open_clip.get_tokenizer(NAME))
+
+
+def test_a_checkpoint_of_a_run_from_a_tag_loads_into_the_tags_model(fake_tag: str, tmp_path: Path) -> None:
+    """Evaluation and export rebuild a checkpoint's model from the run config without the pretrained
+    weights; the tag's activation and preprocessing must still be there, or the checkpoint's own
+    weights would run in another model."""
+    from mmggem.config import load_config
+    from mmggem.model_from_config import model_from_config
+
+    cfg = load_config(None, ["data.train=x.tar", f"model.name={NAME}", f"model.pretrained={fake_tag}"])
+    trained, shell = model_from_config(cfg), model_from_config(cfg, load_pretrained=False)
+    assert shell.mmggem_spec.model_cfg == trained.mmggem_spec.model_cfg
+    assert shell.mmggem_spec.preprocess_cfg == trained.mmggem_spec.preprocess_cfg
+    assert trained.mmggem_spec.preprocess_cfg["resize_mode"] == "squash"
+    shell.load_state_dict(trained.state_dict())
+    tokens = get_tokenizer(trained)(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(shell.eval().encode_text(tokens), trained.eval().encode_text(tokens))
