@@ -299,14 +299,22 @@ def _spec_json(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _save_text_tower(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """Make a Hugging Face text tower self-contained: its config and tokenizer go into the folder."""
+def _save_text_files(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
+    """Make the text side self-contained: a Hugging Face tokenizer's files and a Hugging Face tower's config.
+
+    open_clip's ``get_tokenizer('local-dir:...')`` reads the tokenizer from the folder whenever
+    ``hf_tokenizer_name`` is set, also beside its own text transformer (CLIPA, MetaCLIP-2 worldwide),
+    so the files go in for every such model, not only for Hugging Face towers.
+    """
     from transformers import AutoTokenizer
 
     text_cfg = config["mmggem"]["model_cfg"]["text_cfg"]
-    model.text.transformer.config.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
-    text_cfg.update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
+    if text_cfg.get("hf_tokenizer_name"):
+        AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(folder)
+        text_cfg["hf_tokenizer_name"] = "."
+    if "hf_model_name" in text_cfg:
+        model.text.transformer.config.save_pretrained(folder)
+        text_cfg.update(hf_model_name=".", hf_model_pretrained=False)
 
 
 def save_model(model: nn.Module, path: str | Path) -> Path:
@@ -314,8 +322,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     config = _spec_json(model)
     with atomic_directory(path, overwrite=True) as staging:
-        if "hf_model_name" in config["mmggem"]["model_cfg"]["text_cfg"]:
-            _save_text_tower(model, staging, config)
+        _save_text_files(model, staging, config)
         state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -10,7 +11,7 @@ import open_clip
 import pytest
 import torch
 from conftest import PYTHON, cpu_env, hub_cache
-from test_model import NAME, batch, write_tiny_bert
+from test_model import NAME, batch, register, write_tiny_bert
 
 import mmggem
 from mmggem.model import CONFIG_FILE
@@ -105,3 +106,32 @@ def test_a_text_tower_from_the_hub_gives_open_clip_the_same_embeddings(tmp_path:
     for folder in ("model", "model-again"):
         config = json.loads((tmp_path / folder / CONFIG_FILE).read_text())
         assert config["model_cfg"]["text_cfg"]["hf_model_name"] == "someone/tiny-bert"
+
+
+def write_word_tokenizer(folder: Path) -> Path:
+    """A Hugging Face tokenizer trained here on a few captions (a word-level vocabulary), saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["a photo of a red square", "a blue circle on a photo"],
+                                  trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    return folder
+
+
+def test_a_hugging_face_tokenizer_beside_open_clips_text_transformer_travels_with_the_folder(tmp_path: Path) -> None:
+    """CLIPA / MetaCLIP-2 worldwide style: text_cfg.hf_tokenizer_name without hf_model_name."""
+    tokenizer = write_word_tokenizer(tmp_path / "tokenizer")
+    name = register(tmp_path, "Tiny-OwnText-HFTokenizer", {"context_length": 10, "vocab_size": 16,
+                                                           "hf_tokenizer_name": str(tokenizer)})
+    captions = ["a red photo", "a blue circle on a square", "unknown words here"]
+    expected = open_clip.get_tokenizer(name)(captions)
+    assert expected.shape == (3, 10) and len(expected.unique()) > 4
+    folder = mmggem.save_model(mmggem.create_model(name, pooling="cls"), tmp_path / "saved")
+    shutil.rmtree(tokenizer)  # the folder must not need it
+    loaded_tokens = mmggem.load(folder)[2](captions)
+    assert torch.equal(loaded_tokens, expected)
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{folder}")(captions), expected)
