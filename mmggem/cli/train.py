@@ -6,7 +6,7 @@ import functools
 import sys
 
 from ..config import load_config
-from ..stopping import EXIT_REQUEUE
+from ..stopping import EXIT_DISK_FULL, EXIT_REQUEUE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a CLIP model from a YAML config",
         description="Train from a YAML run config with dotted overrides, e.g. "
                     "`mmggem train configs/demo.yaml train.steps=200 output_dir=runs/x`. "
-                    f"Exits {EXIT_REQUEUE} when stopped by a signal or train.time_limit (resume with "
-                    "train.resume=latest).",
+                    f"Exits {EXIT_REQUEUE} when stopped by a signal or train.time_limit, {EXIT_DISK_FULL} when the "
+                    "disk filled while a checkpoint was written (free space first); either way resume with "
+                    "train.resume=latest. Exit codes: docs/distributed.md.",
     )
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
