@@ -16,9 +16,12 @@ the same features, and the same gradients, for fewer FLOPs. Other towers (no cau
 pooling the last position, max pooling over padded positions) keep the full length.
 
 The length is computed from the token tensor where the tokenizer made it, on the host (in the
-training loader's workers, before the copy to the device), and rounded up to a multiple of
-:data:`ROUND_TO` so that a compiled model sees at most ``context_length / 8`` shapes. Each process
-cuts its own batches; the towers' parameters, hence their gradients, keep their shapes.
+training loader's workers, before the copy to the device), and rounded up to a multiple of 8
+chosen so that a compiled model sees at most :data:`MAX_SHAPES` shapes (:func:`bucket`): under
+``accelerate launch``, which sets ``ACCELERATE_DYNAMO_USE_DYNAMIC=False``, ``torch.compile`` runs
+with ``dynamic=False`` and compiles one graph per shape, and past dynamo's recompile limit (8) it
+stops compiling and runs eagerly. Each process cuts its own batches; the towers' parameters, hence
+their gradients, keep their shapes.
 
 open_clip's ``CLIP.encode_text`` adds the whole positional embedding and the whole causal mask,
 so it refuses a shorter batch: :class:`TrimmableCLIP` is open_clip's ``CLIP`` whose
@@ -39,7 +42,16 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 ROUND_TO = 8
-"""Trimmed lengths are multiples of this (capped at the context length): few shapes to compile."""
+"""Trimmed lengths are multiples of this at least (capped at the context length): few shapes to compile."""
+
+MAX_SHAPES = 8
+"""The most trimmed lengths a context length gives: the default of ``torch._dynamo.config.recompile_limit``."""
+
+
+def bucket(context_length: int) -> int:
+    """The multiple trimmed lengths are rounded up to: 8, or the multiple of 8 that keeps the lengths to
+    :data:`MAX_SHAPES` (context 77: 16, giving 16, 32, 48, 64 and 77; 8 would give 10 lengths)."""
+    return ROUND_TO * math.ceil(context_length / (ROUND_TO * MAX_SHAPES))
 
 CAUSAL_POOLS = ("argmax", "eos", "first")
 """open_clip ``text_pool_type`` values that read one position at or before the end of the caption."""
@@ -91,11 +103,11 @@ def text_trim(model: nn.Module) -> TextTrim | None:
     """How to trim the text batches of ``model`` exactly, or None where only the full length is exact."""
     if isinstance(model, TrimmableCLIP):
         if model.attn_mask is not None and model.text_pool_type in CAUSAL_POOLS:
-            return TextTrim(model.text_pool_type, eos_id=model.text_eos_id)
+            return TextTrim(model.text_pool_type, eos_id=model.text_eos_id, multiple=bucket(model.context_length))
         return None
     text = getattr(model, "text", None)
     if isinstance(text, HFTextEncoder) and isinstance(text.pooler, EXACT_HF_POOLERS):
-        return TextTrim("mask", pad_id=text.config.pad_token_id)
+        return TextTrim("mask", pad_id=text.config.pad_token_id, multiple=bucket(model.context_length))
     return None
 
 

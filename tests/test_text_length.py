@@ -13,7 +13,7 @@ from test_train import assert_same_run, ok, train_args
 import mmggem
 from mmggem.loss import build_loss
 from mmggem.model import get_tokenizer
-from mmggem.text_length import ROUND_TO, TrimmableCLIP, text_trim
+from mmggem.text_length import MAX_SHAPES, ROUND_TO, TrimmableCLIP, text_trim
 
 NAME = "ViT-Ti-4-28"  # context length 32
 CAPTIONS = ["a dog", "a photo of a red bus driving down a street in the rain",
@@ -105,6 +105,35 @@ def test_a_compiled_text_tower_sees_one_shape_per_multiple_of_eight() -> None:
             encode(trim(tokens))
             tokens[0, end] = 0
     assert counters["stats"]["unique_graphs"] == 32 // ROUND_TO
+    torch._dynamo.reset()
+
+
+def test_under_accelerate_launch_a_compiled_model_compiles_every_trimmed_length(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accelerate launch`` sets ACCELERATE_DYNAMO_USE_DYNAMIC=False in its child, so the model is compiled
+    with dynamic=False: one graph per length, and none past dynamo's recompile limit. At context 77 every
+    length a caption can have must fit under it."""
+    from accelerate.utils import TorchDynamoPlugin
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "False")  # what the launcher gives its processes
+    compile_kwargs = TorchDynamoPlugin(backend="eager").to_kwargs()  # what accelerate.prepare compiles with
+    assert compile_kwargs["dynamic"] is False and MAX_SHAPES == torch._dynamo.config.recompile_limit
+    model = _model(context_length=77).eval()
+    trim = text_trim(model)
+    torch._dynamo.reset()
+    counters.clear()
+    encode = torch.compile(model.encode_text, **compile_kwargs)
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    lengths = set()
+    with torch.no_grad():
+        for end in range(77):  # every caption length the context holds
+            tokens[0, end] = 49407
+            lengths.add(trim(tokens).shape[1])
+            encode(trim(tokens))
+            tokens[0, end] = 0
+    assert counters["stats"]["unique_graphs"] == len(lengths) <= MAX_SHAPES
+    assert max(lengths) == 77 and min(lengths) < 77
     torch._dynamo.reset()
 
 
