@@ -99,6 +99,11 @@ class TextTrim:
         return tokens if length == tokens.shape[1] else tokens[:, :length].contiguous()
 
 
+NOT_TRIMMED = ("model.trim_text is on, but this text tower's features read padded positions (no causal mask, or "
+               "pooling that reads the last or padded positions): text batches keep the full context length")
+"""Said once at the start of a run whose tower :func:`text_trim` cannot trim exactly."""
+
+
 def text_trim(model: nn.Module) -> TextTrim | None:
     """How to trim the text batches of ``model`` exactly, or None where only the full length is exact."""
     if isinstance(model, TrimmableCLIP):

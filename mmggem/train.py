@@ -45,7 +45,7 @@ from .optim import build_optimizer, cosine_schedule
 from .precision import check_precision, configure_matmul_precision, describe_precision, resolve_precision
 from .stopping import EXIT_DISK_FULL, EXIT_REQUEUE, StopControl, StopRequested
 from .step_metrics import StepTimer, max_over_processes, peak_memory_gb, pool_exponents, skipped_samples, step_metrics
-from .text_length import text_trim, trimming
+from .text_length import NOT_TRIMMED, text_trim, trimming
 from .tracking import RunLog, start_trackers, trackers
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ def _start_run(cfg: RunConfig) -> _Run:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     trim = text_trim(accelerator.unwrap_model(model, keep_torch_compile=False)) if cfg.model.trim_text else None
+    if cfg.model.trim_text and trim is None:
+        accelerator.print(f"note: {NOT_TRIMMED}")
     stop = StopControl(cfg.train.stop_at_step, parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None)
     loader = TrainLoader(
         cfg.data.train, transform=train_transform, tokenizer=trimming(tokenizer, trim), batch_size=cfg.train.batch_size,
@@ -310,6 +312,7 @@ class _Run:
                     # reading the loss waits for the device, so the window's steps are done when it is timed
                     metrics = step_metrics(unwrapped, loss, grad_norm, self.optimizer, accelerator)
                     metrics.update(timer.metrics(steps_in_window, cfg.train.batch_size, accelerator.num_processes))
+                    metrics["data/text_tokens"] = texts.shape[1]  # this step's text width: trimmed, or the context
                     with timer.paused():  # logging is not step time
                         self._log(metrics, unwrapped)
                     progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")

@@ -1,12 +1,13 @@
 """Trimmed text batches: exact where mmggem trims, refused where trimming would change the features."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from conftest import accelerate_cli, write_color_shards
+from conftest import accelerate_cli, records, run_cli, write_color_shards
 from test_model import write_tiny_bert
 from test_train import assert_same_run, ok, train_args
 
@@ -165,3 +166,23 @@ def test_two_processes_trimming_to_different_lengths_train_as_at_full_length(tmp
         ok(accelerate_cli(*train_args(shards, runs[trim], "train.steps=6", "data.resampled=false",
                                       f"model.trim_text={trim}")))
     assert_same_run(runs["false"], runs["true"])
+    widths = {trim: {record["data/text_tokens"] for record in records(run)} for trim, run in runs.items()}
+    assert widths == {"true": {24}, "false": {32}}  # rank 0 logs; its captions end before position 24, not 8
+
+
+def test_a_run_whose_tower_cannot_be_trimmed_says_so_once_and_keeps_the_context(train_shards: str,
+                                                                                 tmp_path: Path) -> None:
+    from mmggem.text_length import NOT_TRIMMED
+
+    folder = tmp_path / "no-causal-mask"
+    folder.mkdir()
+    model_cfg = open_clip.get_model_config(NAME)
+    model_cfg["text_cfg"]["no_causal_mask"] = True  # every position sees the padding after it
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    runs = {}
+    for name in (f"local-dir:{folder}", NAME):
+        runs[name] = tmp_path / name.replace("/", "_")
+        result = ok(run_cli(*train_args(train_shards, runs[name], "train.steps=2", f"model.name={name}")))
+        assert result.stdout.count(NOT_TRIMMED) == (name != NAME)
+    assert [r["data/text_tokens"] for r in records(runs[f"local-dir:{folder}"])] == [32, 32]
+    assert [r["data/text_tokens"] for r in records(runs[NAME])] == [8, 8]  # "a photo of colour N": 7 tokens
