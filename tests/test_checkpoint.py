@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_train import losses, ok, train_args
+from conftest import records, run_cli
+from test_train import assert_same_run, losses, ok, train_args
 
 from mmggem.manifest import MANIFEST, CheckpointDamaged, verify_manifest
 
@@ -26,6 +26,25 @@ def stopped_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory) -> 
     ok(run_cli(*train_args(train_shards, out, "train.steps=6", "train.checkpoint_every=2",
                            "train.keep_checkpoints=2", "train.stop_at_step=4")))
     return out
+
+
+@pytest.fixture(scope="module")
+def full_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 6 steps of the shared run without a stop: what every resume must reproduce, loss, learning rate
+    and final weights (checkpointing every step changes nothing it computes)."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    ok(run_cli(*train_args(train_shards, out, "train.steps=6", "train.checkpoint_every=1",
+                           "train.keep_checkpoints=3")))
+    return out
+
+
+def assert_continues_as(resumed: Path, full: Path, resumed_at: int) -> None:
+    """Every step after ``resumed_at`` (at least 2, so that a learning rate restored wrong changes a loss)
+    logged the loss and learning rate of the uninterrupted run, and the final weights are its."""
+    after = {r["step"]: (r["train/loss"], r["train/lr"]) for r in records(resumed) if r["step"] > resumed_at}
+    expected = {r["step"]: (r["train/loss"], r["train/lr"]) for r in records(full) if r["step"] > resumed_at}
+    assert len(after) >= 2 and after == expected
+    assert_same_run(full, resumed, atol=0)
 
 
 @pytest.fixture
@@ -98,16 +117,36 @@ def test_a_damaged_manifest_is_named(run_copy: Path) -> None:
 
 
 def test_latest_skips_a_damaged_checkpoint_with_one_warning_and_resumes_exactly(
-        train_shards: str, stopped_run: Path, run_copy: Path) -> None:
+        train_shards: str, full_run: Path, run_copy: Path) -> None:
     DAMAGES["garbage"](step(run_copy, 4))  # the RNG state: accelerate alone would resume silently
-    result = ok(resume(train_shards, run_copy))
+    result = ok(resume(train_shards, run_copy, "train.stop_at_step=null"))
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"WARNING: skipping a damaged checkpoint ({step(run_copy, 4)}/random_states_0.pkl:"
                                   " content differs from the manifest")
     assert warnings[0].endswith("resuming from step_00000002")
     assert f"resumed from {step(run_copy, 2)} at step 2" in result.stdout
-    assert losses(run_copy)[2] == losses(stopped_run)[2]  # step 3 again, exactly as the first time
+    assert_continues_as(run_copy, full_run, resumed_at=2)
+
+
+def test_latest_falls_back_past_the_two_newest_damaged_checkpoints(train_shards: str, full_run: Path,
+                                                                    tmp_path: Path) -> None:
+    """Three checkpoints kept (steps 2, 3, 4 of a run stopped at 4), the two newest damaged: the resume
+    starts from step 2 with one warning for each skipped checkpoint and runs to the end as the full run."""
+    run = tmp_path / "run"
+    ok(run_cli(*train_args(train_shards, run, "train.steps=6", "train.checkpoint_every=1",
+                           "train.keep_checkpoints=3", "train.stop_at_step=4")))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{n:08d}" for n in (2, 3, 4)]
+    DAMAGES["garbage"](step(run, 4))
+    DAMAGES["missing"](step(run, 3))
+    result = ok(run_cli(*train_args(train_shards, run, "train.steps=6", "train.checkpoint_every=1",
+                                    "train.keep_checkpoints=3", "train.resume=latest")))
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
+    assert [w.split(" (")[1].split(":")[0] for w in warnings] == [str(step(run, 4) / "random_states_0.pkl"),
+                                                                  str(step(run, 3) / "optimizer.bin")]
+    assert all(w.endswith("resuming from step_00000002") for w in warnings)
+    assert f"resumed from {step(run, 2)} at step 2" in result.stdout
+    assert_continues_as(run, full_run, resumed_at=2)
 
 
 def test_an_explicit_checkpoint_that_does_not_verify_is_an_error(train_shards: str, run_copy: Path) -> None:
@@ -169,13 +208,13 @@ def test_a_pickle_carrying_code_is_refused_without_running_it(train_shards: str,
 
 
 def test_a_checkpoint_written_before_manifests_resumes_exactly_with_a_warning(
-        train_shards: str, stopped_run: Path, run_copy: Path) -> None:
+        train_shards: str, full_run: Path, run_copy: Path) -> None:
     shutil.rmtree(step(run_copy, 4))
     as_written_before_manifests(step(run_copy, 2))
-    result = ok(resume(train_shards, run_copy, "train.stop_at_step=4"))
+    result = ok(resume(train_shards, run_copy, "train.stop_at_step=null"))
     assert result.stdout.count("WARNING") == 1
     assert f"WARNING: {step(run_copy, 2)} has no manifest.json" in result.stdout
-    assert losses(run_copy) == losses(stopped_run)  # steps 3 and 4 again, with the scheduler from the pickle
+    assert_continues_as(run_copy, full_run, resumed_at=2)  # with the scheduler from the pickle
     assert sorted(p.name for p in step(run_copy, 4).iterdir()) == [
         "data_state_rank0.json", MANIFEST, "model.safetensors", "optimizer.bin", "random_states_0.pkl",
         "scheduler.json", "trainer_state.json"]
