@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import records, run_cli
-from test_train import assert_same_run, losses, ok, train_args
+from test_train import assert_same_run, ok, train_args
 
 from mmggem.manifest import MANIFEST, CheckpointDamaged, verify_manifest
 
