@@ -72,14 +72,3 @@ def fetch_config(name: str, cache_dir: str | Path | None = None) -> dict[str, An
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{name}: {CONFIG_FILE} ({path}) is not JSON: {error}") from error
-
-
-def is_mmggem_repo(name: str, cache_dir: str | Path | None = None) -> bool:
-    """Whether the repo ``name`` holds an mmggem model (its config has an ``mmggem`` section).
-
-    False also when the config cannot be had: the caller's open_clip path then reports what is missing.
-    """
-    try:
-        return "mmggem" in fetch_config(name, cache_dir)
-    except MissingPathError:
-        return False
