@@ -4,10 +4,13 @@
 #   sbatch --nodes 4 launch/slurm.sh configs/vit_b16_ggem_cc3m.yaml output_dir=/checkpoints/b16-ggem
 #
 # One task per GPU is started by srun itself (no torchrun in between), so each task's exit
-# code reaches this script: mmggem exits 75 when SIGUSR1 (sent 120 s before the time limit,
-# see --signal below), SIGTERM (preemption) or train.time_limit stopped it after writing a
-# checkpoint. The script then requeues the job, and the next start resumes from that
-# checkpoint (train.resume=latest is passed below).
+# code reaches this script (srun returns the highest): mmggem exits 75 when SIGUSR1 (sent
+# 120 s before the time limit, see --signal below), SIGTERM (preemption, scancel: SLURM
+# signals every process of the job, loader workers included, and kills them KillWait
+# seconds later) or train.time_limit stopped it after writing a checkpoint. The script then
+# requeues the job, and the next start resumes from that checkpoint (train.resume=latest is
+# passed below). Exit 74 means the disk filled while a checkpoint was written: requeueing
+# would fill it again, so the job ends and says so. See docs/distributed.md.
 #SBATCH --job-name=mmggem
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -20,6 +23,7 @@
 
 set -uo pipefail
 EXIT_REQUEUE=75
+EXIT_DISK_FULL=74
 
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-29500}
@@ -37,5 +41,9 @@ if [ "$status" -eq "$EXIT_REQUEUE" ]; then
   echo "mmggem stopped early with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+fi
+if [ "$status" -eq "$EXIT_DISK_FULL" ]; then
+  echo "mmggem could not write a checkpoint, the disk is full (exit $status): free space, then resubmit" \
+       "the same command (it resumes from the last checkpoint)"
 fi
 exit "$status"

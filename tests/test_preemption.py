@@ -161,18 +161,19 @@ def test_sigterm_to_slurm_style_tasks_checkpoints_and_resumes(train_shards: str,
 
 
 STALL_WARN_S = 2
+STALL_WARNING = re.compile(r"WARNING: rank 0: no batch for (\d+) s; worker 0 reading (.*) for (\d+) s\n")
 
 
 def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards: str, tmp_path: Path) -> None:
-    """The shard's 40 samples (5 batches) arrive, then its `pipe:` command hangs: the rank warns naming it,
-    at most once per data.stall_warn_s, and a SIGTERM while it waits checkpoints step 5."""
+    """The shard's 40 samples (5 batches) arrive, then its `pipe:` command hangs, deaf to the job's signals
+    as a read stuck in the kernel is: the rank warns naming it, at most once per data.stall_warn_s, and a
+    SIGTERM while it waits checkpoints step 5."""
     shard = train_shards.replace("{000000..000003}", "000000")
-    url = f"pipe:cat {shard}; sleep 600"
+    url = f"pipe:cat {shard}; trap '' TERM INT USR1; sleep 600"
     out = tmp_path / "run"
     job = one_process_job(train_args(url, out, *LONG, "data.num_samples=40", "data.shuffle_buffer=0",
                                      f"data.stall_warn_s={STALL_WARN_S}"), tmp_path / "log.txt")
-    warnings = lambda: re.findall(r"WARNING: rank 0: no batch for (\d+) s; worker 0 reading (.*) for (\d+) s\n",  # noqa: E731
-                                  job.output())
+    warnings = lambda: STALL_WARNING.findall(job.output())  # noqa: E731
     job.wait_for(lambda: steps_logged(out) >= 5, "5 steps")
     fifth_step = time.monotonic()
     seen = len(warnings())  # the first batch may have taken longer than the limit too

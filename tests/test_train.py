@@ -124,23 +124,6 @@ def wait_for_steps(output_dir: Path, steps: int, processes: list[subprocess.Pope
     raise AssertionError(f"{results} did not reach {steps} steps")
 
 
-def test_sigterm_checkpoints_the_step_and_exits_for_requeue(train_shards: str, one_process_run: tuple[Path, object],
-                                                            tmp_path: Path) -> None:
-    out = tmp_path / "signalled"
-    args = one_process(train_shards, out)
-    process = subprocess.Popen([PYTHON, "-m", "mmggem.cli", *args], env=cpu_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    wait_for_steps(out, 3, [process])
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == EXIT_REQUEUE, output[-2000:]
-    stopped_at = len(losses(out))
-    assert 3 <= stopped_at < ONE_PROCESS_STEPS and f"stopped at step {stopped_at} (signal)" in output
-    assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    ok(run_cli(*one_process(train_shards, out, "train.resume=latest")))
-    assert_same_run(one_process_run[0], out)
-
-
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(train_shards: str, tmp_path: Path) -> None:
     args = lambda out, *more: train_args(train_shards, out, "train.steps=30", *more)  # noqa: E731
     whole = spawn_ranks(*args(tmp_path / "whole"))
