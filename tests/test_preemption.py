@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from conftest import (ACCELERATE, ONE_PROCESS_STEPS, PYTHON, cpu_env, free_port, ok, records, run_cli,
@@ -27,15 +27,15 @@ LONG = ("train.steps=400",)  # never reached: every run here is stopped
 class Job:
     """A training job: its processes in one process group, as a scheduler sees them; output in a file."""
 
-    def __init__(self, commands: list[list[str]], envs: list[dict[str, str]], log: Path):
+    def __init__(self, commands: list[list[str]], envs: list[dict[str, str]], log: Path, started: list[Job]):
         self.log = log
         self._handle = open(log, "w")
         first = subprocess.Popen(commands[0], env=envs[0], stdout=self._handle, stderr=subprocess.STDOUT,
                                  process_group=0)  # a group of its own, which the others join
-        self.processes = [first] + [subprocess.Popen(command, env=env, stdout=self._handle, stderr=subprocess.STDOUT,
-                                                     process_group=first.pid)
-                                    for command, env in zip(commands[1:], envs[1:])]
-        self.group = first.pid
+        self.processes, self.group = [first], first.pid
+        started.append(self)
+        self.processes += [subprocess.Popen(command, env=env, stdout=self._handle, stderr=subprocess.STDOUT,
+                                            process_group=first.pid) for command, env in zip(commands[1:], envs[1:])]
 
     def output(self) -> str:
         return self.log.read_text()
@@ -53,11 +53,28 @@ class Job:
         try:
             return [p.wait(timeout=timeout) for p in self.processes]
         finally:
-            try:
-                os.killpg(self.group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._handle.close()
+            self.kill()
+
+    def kill(self) -> None:
+        """End every process left in the job's group (also after a failed assertion); once."""
+        if self._handle.closed:
+            return
+        try:
+            os.killpg(self.group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for process in self.processes:
+            process.wait()
+        self._handle.close()
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[Job]]:
+    """The jobs a test starts; at teardown, what is left of them is killed, whether the test passed or not."""
+    started: list[Job] = []
+    yield started
+    for job in started:
+        job.kill()
 
 
 def steps_logged(output_dir: Path) -> int:
@@ -65,8 +82,8 @@ def steps_logged(output_dir: Path) -> int:
     return len(results.read_text().splitlines()) if results.is_file() else 0
 
 
-def one_process_job(args: list[str], log: Path) -> Job:
-    return Job([[PYTHON, "-m", "mmggem.cli", *args]], [cpu_env()], log)
+def one_process_job(args: list[str], log: Path, started: list[Job]) -> Job:
+    return Job([[PYTHON, "-m", "mmggem.cli", *args]], [cpu_env()], log, started)
 
 
 def assert_stopped_with_checkpoint(out: Path, codes: list[int], output: str) -> int:
@@ -89,10 +106,11 @@ def assert_resumes_at(out: Path, step: int, result: str) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_stop_signal_to_the_process_group_checkpoints_and_resumes(
-        signum: signal.Signals, train_shards: str, one_process_run: tuple[Path, object], tmp_path: Path) -> None:
+        signum: signal.Signals, train_shards: str, one_process_run: tuple[Path, object], tmp_path: Path,
+        jobs: list[Job]) -> None:
     out = tmp_path / "run"
     args = train_args(train_shards, out, f"train.steps={ONE_PROCESS_STEPS}")  # one_process_run's run, 1 worker
-    job = one_process_job(args, tmp_path / "log.txt")
+    job = one_process_job(args, tmp_path / "log.txt", jobs)
     job.wait_for(lambda: steps_logged(out) >= 3, "3 steps")
     os.killpg(job.group, signum)  # the loader's worker process gets it too
     step = assert_stopped_with_checkpoint(out, job.finish(), job.output())
@@ -110,14 +128,14 @@ def accelerate_command(args: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("target", ["group", "launcher"])
-def test_sigterm_under_accelerate_launch_checkpoints_every_rank(target: str, train_shards: str,
-                                                                tmp_path: Path) -> None:
+def test_sigterm_under_accelerate_launch_checkpoints_every_rank(target: str, train_shards: str, tmp_path: Path,
+                                                                jobs: list[Job]) -> None:
     """torch's elastic agent sends SIGTERM on to each rank's process group (its loader workers too), waits
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) for them, then re-raises the signal: the launcher exits 1, and
     the run's own code is in OUTPUT_DIR/exit_code."""
     out = tmp_path / "run"
     args = train_args(train_shards, out, *LONG)
-    job = Job([accelerate_command(args)], [cpu_env()], tmp_path / "log.txt")
+    job = Job([accelerate_command(args)], [cpu_env()], tmp_path / "log.txt", jobs)
     job.wait_for(lambda: steps_logged(out) >= 3, "3 steps")
     if target == "group":
         os.killpg(job.group, signal.SIGTERM)
@@ -141,7 +159,8 @@ def test_sigterm_under_accelerate_launch_checkpoints_every_rank(target: str, tra
         assert not (out / "exit_code").exists()  # a run that ends normally leaves none
 
 
-def test_sigterm_to_slurm_style_tasks_checkpoints_and_resumes(train_shards: str, tmp_path: Path) -> None:
+def test_sigterm_to_slurm_style_tasks_checkpoints_and_resumes(train_shards: str, tmp_path: Path,
+                                                              jobs: list[Job]) -> None:
     """One `python -m mmggem.cli train` per rank with torch's env:// variables, as launch/slurm.sh starts them."""
     out = tmp_path / "run"
 
@@ -151,11 +170,11 @@ def test_sigterm_to_slurm_style_tasks_checkpoints_and_resumes(train_shards: str,
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in range(2)]
         return [[PYTHON, "-m", "mmggem.cli", *train_args(train_shards, out, *LONG, *more)]] * 2, envs
 
-    job = Job(*tasks(), tmp_path / "log.txt")
+    job = Job(*tasks(), tmp_path / "log.txt", jobs)
     job.wait_for(lambda: steps_logged(out) >= 3, "3 steps")
     os.killpg(job.group, signal.SIGTERM)
     step = assert_stopped_with_checkpoint(out, job.finish(), job.output())
-    resumed = Job(*tasks("train.resume=latest", f"train.stop_at_step={step + 1}"), tmp_path / "resumed.txt")
+    resumed = Job(*tasks("train.resume=latest", f"train.stop_at_step={step + 1}"), tmp_path / "resumed.txt", jobs)
     assert resumed.finish(timeout=300) == [0, 0], resumed.output()[-3000:]
     assert_resumes_at(out, step, resumed.output())
 
@@ -164,7 +183,8 @@ STALL_WARN_S = 2
 STALL_WARNING = re.compile(r"WARNING: rank 0: no batch for (\d+) s; worker 0 reading (.*) for (\d+) s\n")
 
 
-def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards: str, tmp_path: Path) -> None:
+def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards: str, tmp_path: Path,
+                                                                   jobs: list[Job]) -> None:
     """The shard's 40 samples (5 batches) arrive, then its `pipe:` command hangs, deaf to the job's signals
     as a read stuck in the kernel is: the rank warns naming it, at most once per data.stall_warn_s, and a
     SIGTERM while it waits checkpoints step 5."""
@@ -172,7 +192,7 @@ def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards:
     url = f"pipe:cat {shard}; trap '' TERM INT USR1; sleep 600"
     out = tmp_path / "run"
     job = one_process_job(train_args(url, out, *LONG, "data.num_samples=40", "data.shuffle_buffer=0",
-                                     f"data.stall_warn_s={STALL_WARN_S}"), tmp_path / "log.txt")
+                                     f"data.stall_warn_s={STALL_WARN_S}"), tmp_path / "log.txt", jobs)
     warnings = lambda: STALL_WARNING.findall(job.output())  # noqa: E731
     job.wait_for(lambda: steps_logged(out) >= 5, "5 steps")
     fifth_step = time.monotonic()
