@@ -9,15 +9,15 @@ The model-level API is importable without the trainer::
 """
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "create_model", "load", "save_model"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `mmggem --version` and `import mmggem.pooling` stay light.
+    # Lazy so that `mmggem --version` and `import mmggem.model.pooling` stay light.
     if name in ("create_model", "load", "save_model"):
-        from . import model
+        from .model import clip
 
-        return getattr(model, name)
+        return getattr(clip, name)
     raise AttributeError(f"module 'mmggem' has no attribute {name!r}")

@@ -202,7 +202,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_eval_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 200-image classification set and retrieval set from the demo's held-out split."""
-    from mmggem.data.demo import CLASSNAMES, _png, load_splits
+    from mmggem.data.fashion_mnist import CLASSNAMES, _png, load_splits
     from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
 
     root = tmp_path_factory.mktemp("small_eval")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmggem.loss import ClipLoss, SigLipLoss, micro_batch_loss
+from mmggem.train.loss import ClipLoss, SigLipLoss, micro_batch_loss
 
 GLOBAL_ROWS = 12  # divisible by world size 2 x 2 micro-batches
 LOSSES = {

@@ -31,7 +31,7 @@ from unittest import mock
 
 import mmggem.cli
 from mmggem.cli import SUBCOMMANDS, build_parser, main
-from mmggem.config import load_config
+from mmggem.config.run import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")

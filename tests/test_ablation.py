@@ -79,8 +79,8 @@ def finished_run(out: Path, pooling: str, seed: int, recall: float, exponents: t
 
 
 def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: Path) -> None:
-    from mmggem.ablation import Arm, plan_runs
-    from mmggem.ablation_summary import write_summary
+    from mmggem.experiments.ablation import Arm, plan_runs
+    from mmggem.experiments.summary import write_summary
 
     base = {0: 0.10, 1: 0.30, 2: 0.20}  # large seed noise, shared by the pooling it is paired with
     values = {"avg": base, "ggem": {s: v + d for (s, v), d in zip(base.items(), (0.020, 0.021, 0.022))},
@@ -123,8 +123,8 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
 
 
 def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
-    from mmggem.ablation import Arm, plan_runs
-    from mmggem.ablation_summary import write_summary
+    from mmggem.experiments.ablation import Arm, plan_runs
+    from mmggem.experiments.summary import write_summary
 
     finished_run(tmp_path, "avg", 0, 0.25)
     runs = [r for r in plan_runs(tmp_path, [Arm("avg", "avg")], 1) if r.finished]
@@ -157,10 +157,10 @@ def test_same_seed_runs_share_all_but_the_pooler_and_draw_the_same_data(train_sh
     random augmentation. attn draws random weights, ggem none: the strongest pair to compare."""
     from accelerate.utils import set_seed
 
-    from mmggem.config import load_config
+    from mmggem.config.run import load_config
     from mmggem.data.loader import TrainLoader
-    from mmggem.model import get_tokenizer, image_transform
-    from mmggem.model_from_config import model_from_config
+    from mmggem.model.clip import get_tokenizer, image_transform
+    from mmggem.config.model import model_from_config
 
     def first_draws(pooling: str) -> tuple[dict, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.pooling={pooling}", "seed=3",

@@ -9,8 +9,8 @@ import yaml
 from conftest import run_cli
 
 import mmggem
-from mmggem.ablation_probes import CACHE_FILE, attention_heads, pooled_features, pooled_head_dependence
-from mmggem.analysis import head_dependence
+from mmggem.experiments.probes import CACHE_FILE, attention_heads, pooled_features, pooled_head_dependence
+from mmggem.experiments.analysis import head_dependence
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""mmggem.analysis against direct computations, on the model `mmggem demo` trains in the tests."""
+"""mmggem.experiments.analysis against direct computations, on the model `mmggem demo` trains in the tests."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mmggem
 from mmggem import analysis
-from mmggem.data.demo import CLASSNAMES, ZEROSHOT_TEMPLATES, load_splits
+from mmggem.data.fashion_mnist import CLASSNAMES, ZEROSHOT_TEMPLATES, load_splits
 
 matplotlib.use("Agg")
 

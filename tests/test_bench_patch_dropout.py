@@ -1,4 +1,4 @@
-"""launch/bench_patch_dropout.py: one comparison row on the demo model, a few steps on a tiny batch."""
+"""launch/bench/bench_patch_dropout.py: one comparison row on the demo model, a few steps on a tiny batch."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "bench_patch_dropout.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "bench" / "bench_patch_dropout.py"
 
 
 def test_compare_times_both_models_and_prints_one_row() -> None:

@@ -10,7 +10,7 @@ from types import ModuleType
 import open_clip
 import pytest
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "bench"
 
 
 def load(name: str) -> ModuleType:

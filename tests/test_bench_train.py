@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "bench"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from conftest import records, run_cli
 from test_train import assert_same_run, ok, train_args
 
-from mmggem.manifest import MANIFEST, CheckpointDamaged, verify_manifest
+from mmggem.checkpoint.manifest import MANIFEST, CheckpointDamaged, verify_manifest
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import pytest
 
 from conftest import run_cli
-from mmggem.config import ConfigError, RunConfig, load_config, parse_duration, save_config
+from mmggem.config.run import ConfigError, RunConfig, load_config, parse_duration, save_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -132,7 +132,7 @@ def test_the_walk_finds_the_documented_literal_options() -> None:
 
 @pytest.mark.parametrize("word", ["null", "none", "~"])
 def test_precision_is_unset_by_default_and_by_a_null_word(tmp_path: Path, word: str) -> None:
-    """Unset (None) lets the launcher decide (mmggem.precision); ``no`` is kept as fp32, not read as false."""
+    """Unset (None) lets the launcher decide (mmggem.train.precision); ``no`` is kept as fp32, not read as false."""
     assert load_config(CONFIGS / "demo.yaml").train.precision is None
     assert load_config(CONFIGS / "demo.yaml", [f"train.precision={word}"]).train.precision is None
     assert load_config(unquoted_yaml(tmp_path, "train.precision", word)).train.precision is None

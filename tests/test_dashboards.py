@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 import mmggem
-from mmggem.config import ConfigError, load_config
+from mmggem.config.run import ConfigError, load_config
 from mmggem.evaluate.dataset import open_eval_set, read_image
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
@@ -151,7 +151,7 @@ def test_wandb_failing_to_start_drops_only_wandb(tmp_path: Path, monkeypatch: py
     import wandb
     from accelerate import Accelerator
 
-    from mmggem.tracking import RunLog, start_trackers, trackers
+    from mmggem.train.tracking import RunLog, start_trackers, trackers
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise wandb.errors.CommError("no network")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import byte_tokenizer, decode_tokens, image_bytes, noise, plain_transform, run_cli, solid
-from mmggem.data.demo import SYNONYMS
+from mmggem.data.fashion_mnist import SYNONYMS
 from mmggem.data.loader import TrainLoader
 from mmggem.evaluate.dataset import open_eval_set
 

@@ -8,7 +8,7 @@ import torchvision.transforms as T
 import mmggem
 from data_fixtures import noise
 from mmggem.data.device import DeviceNormalizer, split_transform, to_device
-from mmggem.model import image_transform
+from mmggem.model.clip import image_transform
 
 
 @pytest.mark.parametrize("is_train", [True, False])

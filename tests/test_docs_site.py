@@ -19,7 +19,7 @@ from markdown.extensions.toc import slugify
 
 from conftest import PYTHON, ROOT
 
-from mmggem.config import RunConfig
+from mmggem.config.run import RunConfig
 
 TOP_LEVEL_PAGES = ("README.md", "CONTRIBUTING.md", "CHANGELOG.md")
 HISTORY_PHRASES = ("current main", "earlier main", "not re-measured", "this session", "earlier session")
@@ -53,7 +53,7 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     result = build_site(ROOT / "mkdocs.yml", tmp_path / "site")
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
-    assert (tmp_path / "site" / "api" / "index.html").read_text().count("mmggem.pooling") > 0
+    assert (tmp_path / "site" / "api" / "index.html").read_text().count("mmggem.model.pooling") > 0
 
 
 @pytest.mark.parametrize("planted, named", [("[gone](no-such-page.md)", "no-such-page.md"),

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT, ok, run_cli
 from mmggem.cli import main as cli_main
-from mmggem.config import load_config, to_dict
+from mmggem.config.run import load_config, to_dict
 
 DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -22,7 +22,7 @@ def dry_run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 def fake_checkpoint(output_dir: Path, step: int) -> Path:
-    """The files by which a run folder lists a complete checkpoint (mmggem.checkpoint.list_checkpoints)."""
+    """The files by which a run folder lists a complete checkpoint (mmggem.checkpoint.store.list_checkpoints)."""
     folder = output_dir / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text('{"step": %d}' % step)

@@ -29,7 +29,7 @@ import webdataset as wds
 
 import mmggem
 from mmggem.evaluate import evaluate_dataset
-from mmggem.model import get_tokenizer, image_transform
+from mmggem.model.clip import get_tokenizer, image_transform
 
 NAME = "ViT-Ti-4-28"
 WORDS = "red green blue small large dark light round square striped dotted plain old new".split()

@@ -132,8 +132,8 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused_by_export_and_eval
 def test_the_card_names_open_clip_only_for_models_open_clip_loads(pooling: str, library: str, tmp_path: Path) -> None:
     import open_clip
 
-    from mmggem.model_card import model_card
-    from mmggem.runs import ModelSource
+    from mmggem.share.model_card import model_card
+    from mmggem.checkpoint.runs import ModelSource
 
     folder = mmggem.save_model(mmggem.create_model(NAME, pooling=pooling), tmp_path / pooling)
     card = model_card(mmggem.load(folder)[0], ModelSource(folder), [], "mit")
@@ -149,7 +149,7 @@ def test_the_card_names_open_clip_only_for_models_open_clip_loads(pooling: str, 
 def test_eval_and_export_of_a_checkpoint_without_a_manifest_warn_as_resume_does(
     checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from mmggem.checkpoint import unverified_message
+    from mmggem.checkpoint.store import unverified_message
 
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "step_00000002"

@@ -104,7 +104,7 @@ def test_the_recipe_trains_and_evaluates_on_flickr8k(few_rows: tuple[Path, list[
 
 
 def test_keyword_classes_come_from_captions_of_held_out_images(tmp_path: Path) -> None:
-    """launch/flickr8k_keywords.py: an image is in a class folder exactly when 3 or more of its captions name
+    """tools/flickr8k_keywords.py: an image is in a class folder exactly when 3 or more of its captions name
     that class and no other class; only val and test images are used; the folder is a `data classes` input."""
     import re
     import runpy
@@ -112,10 +112,10 @@ def test_keyword_classes_come_from_captions_of_held_out_images(tmp_path: Path) -
     import sys
 
     out = tmp_path / "keywords"
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "flickr8k_keywords.py"), "--flickr8k", str(FLICKR),
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "flickr8k_keywords.py"), "--flickr8k", str(FLICKR),
                              "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    keywords = runpy.run_path(str(ROOT / "launch" / "flickr8k_keywords.py"))["KEYWORDS"]
+    keywords = runpy.run_path(str(ROOT / "tools" / "flickr8k_keywords.py"))["KEYWORDS"]
     with open(FLICKR / "captions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     captions: dict[str, list[str]] = {}

@@ -1,4 +1,4 @@
-"""mmggem.fsdp.enable_fsdp_on_cpu against the installed accelerate, in one real gloo process.
+"""mmggem.train.fsdp.enable_fsdp_on_cpu against the installed accelerate, in one real gloo process.
 
 The switch writes accelerate's own state (``AcceleratorState`` and the private
 ``PartialState._shared_state``) as accelerate 1.15 does for GPUs, so pyproject.toml bounds accelerate
@@ -19,13 +19,13 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
-from mmggem.fsdp import enable_fsdp_on_cpu
+from mmggem.train.fsdp import enable_fsdp_on_cpu
 
 version = accelerate.__version__
 accelerator = Accelerator(cpu=True)
 assert accelerator.distributed_type == DistributedType.MULTI_CPU, (
     f"accelerate {version} no longer falls back from FSDP to DDP on CPU processes (distributed type "
-    f"{accelerator.distributed_type}): enable_fsdp_on_cpu may be needless or wrong; review mmggem/fsdp.py")
+    f"{accelerator.distributed_type}): enable_fsdp_on_cpu may be needless or wrong; review mmggem/train/fsdp.py")
 enable_fsdp_on_cpu(accelerator)
 assert accelerator.distributed_type == PartialState().distributed_type == DistributedType.FSDP, (
     f"accelerate {version}: after enable_fsdp_on_cpu the state says {accelerator.distributed_type} / "

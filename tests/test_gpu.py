@@ -24,7 +24,7 @@ import mmggem
 from mmggem.data.device import DeviceNormalizer, split_transform, to_device
 from mmggem.data.loader import TrainLoader
 from mmggem.evaluate import evaluate_dataset
-from mmggem.model import get_tokenizer, image_transform
+from mmggem.model.clip import get_tokenizer, image_transform
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ROOT = Path(__file__).resolve().parent.parent

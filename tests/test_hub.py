@@ -18,7 +18,7 @@ from test_train import final_weights, ok, train_args
 import mmggem
 from mmggem.cli import main as cli_main
 from mmggem.errors import MissingPathError
-from mmggem.model import CONFIG_FILE
+from mmggem.model.clip import CONFIG_FILE
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def evaluate(tmp_path: Path, root: Path, label: str, *args: str) -> dict:
 
 def test_eval_of_hub_repos_and_hub_baselines_equals_eval_of_the_folder(tmp_path: Path, offline: None) -> None:
     model = trained_like("cls")
-    spread_model(model, mmggem.model.get_tokenizer(model), 4)
+    spread_model(model, mmggem.model.clip.get_tokenizer(model), 4)
     folder = mmggem.save_model(model, tmp_path / "model")
     hub_cache(tmp_path / "cache", "someone/mmggem-cls", folder)
     plain = shutil.copytree(folder, tmp_path / "plain")  # an open_clip model repo: no mmggem section

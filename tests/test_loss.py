@@ -1,4 +1,4 @@
-"""Tests for mmggem.loss: reference formulas, and 2 real processes against 1."""
+"""Tests for mmggem.train.loss: reference formulas, and 2 real processes against 1."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_loss_worker import CASES, run_case
-from mmggem.loss import ClipLoss, SigLipLoss, build_loss, clamp_logit_scale_, micro_batch_loss
+from mmggem.train.loss import ClipLoss, SigLipLoss, build_loss, clamp_logit_scale_, micro_batch_loss
 
 WORLD = 2
 CLOSE = {"rtol": 1e-5, "atol": 1e-5}

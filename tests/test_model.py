@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import mmggem
-from mmggem.model import CONFIG_FILE, WEIGHTS_FILE, get_tokenizer
-from mmggem.pooling import POOLER_NAMES
+from mmggem.model.clip import CONFIG_FILE, WEIGHTS_FILE, get_tokenizer
+from mmggem.model.pooling import POOLER_NAMES
 
 NAME = "ViT-Ti-4-28"
 
@@ -184,7 +184,7 @@ def test_hugging_face_text_tower_from_config_and_from_weights(tmp_path: Path) ->
 
 
 def test_locking_a_hugging_face_text_tower_keeps_its_projection_trainable(tmp_path: Path) -> None:
-    from mmggem.model import lock_towers
+    from mmggem.model.clip import lock_towers
 
     model = mmggem.create_model(NAME, text_tower={"hf_model_name": str(write_tiny_bert(tmp_path / "bert")),
                                                   "hf_model_pretrained": False})
@@ -196,7 +196,7 @@ def test_locking_a_hugging_face_text_tower_keeps_its_projection_trainable(tmp_pa
 
 
 def test_an_open_clip_tag_resolves_to_its_file_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmggem.model import resolve_pretrained
+    from mmggem.model.clip import resolve_pretrained
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = tmp_path / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots" / ("0" * 40)
@@ -209,7 +209,7 @@ def test_an_open_clip_tag_resolves_to_its_file_in_the_cache(tmp_path: Path, monk
 
 
 def test_locked_text_tower_leaves_its_last_layers_trainable() -> None:
-    from mmggem.model import lock_towers
+    from mmggem.model.clip import lock_towers
 
     model = mmggem.create_model(NAME)
     lock_towers(model, text=True, text_unlocked_layers=2)  # open_clip's groups: the projection, the last block

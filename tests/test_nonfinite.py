@@ -22,11 +22,11 @@ from accelerate.utils import AutocastKwargs
 from host_reads import HostReads
 
 import mmggem
-from mmggem.loss import build_loss
-from mmggem.model import get_tokenizer
-from mmggem.nonfinite import NonFiniteSteps, optimizer_step
-from mmggem.optim import build_optimizer
-from mmggem.train import train_step
+from mmggem.train.loss import build_loss
+from mmggem.model.clip import get_tokenizer
+from mmggem.train.nonfinite import NonFiniteSteps, optimizer_step
+from mmggem.train.optim import build_optimizer
+from mmggem.train.step import train_step
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from conftest import PYTHON, cpu_env, hub_cache
 from test_model import NAME, batch, register, write_tiny_bert
 
 import mmggem
-from mmggem.model import CONFIG_FILE
-from mmggem.pooling import POOLER_NAMES
+from mmggem.model.clip import CONFIG_FILE
+from mmggem.model.pooling import POOLER_NAMES
 
 
 def trained_like(pooling: str, **kwargs) -> torch.nn.Module:
@@ -40,7 +40,7 @@ def assert_same_embeddings(model: torch.nn.Module, folder: Path) -> None:
     texts = ["a photo of a shirt", "a shoe", "a photo"]
     theirs_image, theirs_text = open_clip_embeddings(folder, images, texts)
     with torch.no_grad():
-        ours_image, ours_text = model.encode_image(images), model.encode_text(mmggem.model.get_tokenizer(model)(texts))
+        ours_image, ours_text = model.encode_image(images), model.encode_text(mmggem.model.clip.get_tokenizer(model)(texts))
     torch.testing.assert_close(theirs_image, ours_image, rtol=0, atol=1e-5)
     torch.testing.assert_close(theirs_text, ours_text, rtol=0, atol=1e-5)
 
@@ -80,7 +80,7 @@ def test_a_text_tower_from_a_local_folder_is_refused_by_open_clip_and_loads_in_m
     folder = mmggem.save_model(model, tmp_path / "model")
     with pytest.raises(TypeError, match=r"needs mmggem: .*text tower came from the local folder .*mmggem\.load"):
         open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokens = mmggem.model.get_tokenizer(model)(["a photo of a shirt"])
+    tokens = mmggem.model.clip.get_tokenizer(model)(["a photo of a shirt"])
     assert torch.equal(mmggem.load(folder)[0].encode_text(tokens), model.encode_text(tokens))
 
 

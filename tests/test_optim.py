@@ -1,4 +1,4 @@
-"""Tests for mmggem.optim: parameter groups, AdamW and the warmup + cosine schedule."""
+"""Tests for mmggem.train.optim: parameter groups, AdamW and the warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmggem.optim import build_optimizer, cosine_schedule, param_groups
+from mmggem.train.optim import build_optimizer, cosine_schedule, param_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / "mmggem" / "model_configs"
 
@@ -63,7 +63,7 @@ def test_param_groups_split_an_open_clip_model() -> None:
 
 def test_locked_towers_are_in_no_group() -> None:
     from mmggem import create_model
-    from mmggem.model import lock_towers
+    from mmggem.model.clip import lock_towers
 
     model = create_model("ViT-Ti-4-28")
     lock_towers(model, image=True, text=True)

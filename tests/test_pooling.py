@@ -4,8 +4,8 @@ import torch
 
 from torch import nn
 
-from mmggem.optim import build_optimizer
-from mmggem.pooling import POOLER_NAMES, GGeM, GeM, build_pooler
+from mmggem.train.optim import build_optimizer
+from mmggem.model.pooling import POOLER_NAMES, GGeM, GeM, build_pooler
 
 
 def reference_ggem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmggem.pooling import AttentionPool, build_pooler
+from mmggem.model.pooling import AttentionPool, build_pooler
 
 DIM, HEADS = 32, 4
 

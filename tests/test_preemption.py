@@ -16,9 +16,9 @@ from conftest import (ACCELERATE, ONE_PROCESS_STEPS, PYTHON, cpu_env, free_port,
                       train_args)
 from test_train import assert_same_run, losses
 
-from mmggem.config import ConfigError, load_config
-from mmggem.manifest import verify_manifest
-from mmggem.stopping import EXIT_DISK_FULL, EXIT_REQUEUE
+from mmggem.config.run import ConfigError, load_config
+from mmggem.checkpoint.manifest import verify_manifest
+from mmggem.train.stopping import EXIT_DISK_FULL, EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = ("train.steps=400",)  # never reached: every run here is stopped

@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 
 import mmggem
 from mmggem.errors import UserError
-from mmggem.model import MODEL_CONFIG_DIR, get_tokenizer
+from mmggem.model.clip import MODEL_CONFIG_DIR, get_tokenizer
 from mmggem.evaluate import load_model
-from mmggem.transforms import image_transform
+from mmggem.model.transforms import image_transform
 
-NAME = "ViT-Ti-4-28"  # one of mmggem's configs (MODEL_CONFIG_DIR), which open_clip knows once mmggem.model is imported
+NAME = "ViT-Ti-4-28"  # one of mmggem's configs (MODEL_CONFIG_DIR), which open_clip knows once mmggem.model.clip is imported
 assert (MODEL_CONFIG_DIR / f"{NAME}.json").is_file()
 REPO = "someone/tiny-squash"
 TEXTS = ["a photo of colour 3", "a red square", "x"]
@@ -160,8 +160,8 @@ def test_a_checkpoint_of_a_run_from_a_tag_loads_into_the_tags_model(fake_tag: st
     """Evaluation and export rebuild a checkpoint's model from the run config without the pretrained
     weights; the tag's activation and preprocessing must still be there, or the checkpoint's own
     weights would run in another model."""
-    from mmggem.config import load_config
-    from mmggem.model_from_config import model_from_config
+    from mmggem.config.run import load_config
+    from mmggem.config.model import model_from_config
 
     cfg = load_config(None, ["data.train=x.tar", f"model.name={NAME}", f"model.pretrained={fake_tag}"])
     trained, shell = model_from_config(cfg), model_from_config(cfg, load_pretrained=False)

@@ -12,9 +12,9 @@ from test_model import write_tiny_bert
 from test_train import assert_same_run, ok, train_args
 
 import mmggem
-from mmggem.loss import build_loss
-from mmggem.model import get_tokenizer
-from mmggem.text_length import MAX_SHAPES, ROUND_TO, TrimmableCLIP, text_trim
+from mmggem.train.loss import build_loss
+from mmggem.model.clip import get_tokenizer
+from mmggem.model.text_length import MAX_SHAPES, ROUND_TO, TrimmableCLIP, text_trim
 
 NAME = "ViT-Ti-4-28"  # context length 32
 CAPTIONS = ["a dog", "a photo of a red bus driving down a street in the rain",
@@ -172,7 +172,7 @@ def test_two_processes_trimming_to_different_lengths_train_as_at_full_length(tmp
 
 def test_a_run_whose_tower_cannot_be_trimmed_says_so_once_and_keeps_the_context(train_shards: str,
                                                                                  tmp_path: Path) -> None:
-    from mmggem.text_length import NOT_TRIMMED
+    from mmggem.model.text_length import NOT_TRIMMED
 
     folder = tmp_path / "no-causal-mask"
     folder.mkdir()

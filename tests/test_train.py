@@ -14,7 +14,7 @@ from conftest import (ONE_PROCESS_ARGS, ONE_PROCESS_STEPS, PYTHON, accelerate_cl
 from safetensors.torch import load_file
 
 import mmggem
-from mmggem.stopping import EXIT_REQUEUE
+from mmggem.train.stopping import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,7 +185,7 @@ def test_config_errors_fail_before_training(train_shards: str, tmp_path: Path) -
 def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from mmggem import train as trainer
-    from mmggem.config import load_config
+    from mmggem.config.run import load_config
 
     real_build_loss = trainer.build_loss
     calls = {"n": 0}

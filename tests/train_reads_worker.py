@@ -18,7 +18,7 @@ from pathlib import Path
 from host_reads import HostReads
 
 from mmggem import train as trainer
-from mmggem.config import load_config
+from mmggem.config.run import load_config
 
 
 def main(out: str, config: str, *overrides: str) -> None:

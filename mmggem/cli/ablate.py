@@ -6,9 +6,9 @@ import functools
 import sys
 from pathlib import Path
 
-from ..ablation_summary import SUMMARY_METRICS
 from ..errors import UsageError
-from ..pooling import POOLER_NAMES
+from ..experiments.summary import SUMMARY_METRICS
+from ..model.pooling import POOLER_NAMES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..ablation import parse_arms, plan_runs, run_all
-    from ..ablation_summary import write_summary
-    from ..config import load_config
+    from ..config.run import load_config
+    from ..experiments.ablation import parse_arms, plan_runs, run_all
+    from ..experiments.summary import write_summary
 
     if args.seeds < 1 or args.parallel < 1:
         raise UsageError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         load_config(args.config, [*args.overrides, *arm.run_overrides])
     runs = plan_runs(args.output_dir, arms, args.seeds)
     if args.dry_run:
-        from ..dry_run import describe_ablation, report
+        from ..experiments.ablation import describe_ablation
+        from ..train.dry_run import report
 
         return report(functools.partial(describe_ablation, cfg, runs))
     state = PartialState()

@@ -97,7 +97,7 @@ def _run(build: Callable[[], WriteReport | list[WriteReport]]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..data.demo import write_demo
+    from ..data.fashion_mnist import write_demo
 
     return _run(lambda: write_demo(args.out, overwrite=args.overwrite, **_per_shard(args)))
 

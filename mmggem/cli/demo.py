@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo in ``--output-dir`` or a temporary folder (removed afterwards, whatever happened)."""
-    from ..demo import run_demo
+    from ..experiments.demo import run_demo
 
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="mmggem-demo-"))
     try:

@@ -116,8 +116,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> Iterator["LoadedModel"]:
     """The models to evaluate, loaded one at a time: ``--checkpoint``, or every checkpoint of its run."""
+    from ..checkpoint.runs import run_checkpoints
     from ..evaluate import load_model, load_run_model
-    from ..runs import run_checkpoints
 
     if not args.all_checkpoints:
         yield load_model(args.checkpoint, args.pretrained, args.cache_dir)

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export, then push when asked."""
-    from ..export import export_model, push_to_hub
+    from ..share.export import export_model, push_to_hub
 
     out = export_model(args.source, args.out, results_dir=args.results, license=args.license,
                        repo_id=args.push_to_hub, overwrite=args.overwrite)

@@ -5,8 +5,8 @@ import argparse
 import functools
 import sys
 
-from ..config import load_config
-from ..stopping import EXIT_DISK_FULL, EXIT_REQUEUE
+from ..config.run import load_config
+from ..train.stopping import EXIT_DISK_FULL, EXIT_REQUEUE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
     """
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from ..dry_run import describe_run, report
+        from ..train.dry_run import describe_run, report
 
         return report(functools.partial(describe_run, cfg))
-    from ..train import TrainingDiverged, train
+    from ..train.loop import TrainingDiverged, train
 
     try:
         outcome = train(cfg)

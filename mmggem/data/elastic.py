@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import UserError
 from .schedule import EpochOverride, Schedule, Setup, ShardSequence
 from .state import LoaderState, check_version
-from ..errors import UserError
 
 
 @dataclass(frozen=True)

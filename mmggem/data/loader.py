@@ -45,13 +45,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ..errors import UserError
 from . import elastic
 from .schedule import Schedule, Setup
 from .shards import Source, count_samples, is_remote, parse_spec
 from .state import BatchTag, LoaderState, check_version
 from .stream import Stream
 from .watch import ReadBoard, StallWatch
-from ..errors import UserError
 
 __all__ = ["TrainLoader", "Source", "count_samples", "is_remote", "parse_spec"]
 
@@ -73,7 +73,7 @@ class TrainLoader:
     With ``stall_warn_s`` > 0, a wait of that long for a batch prints a warning naming the
     shard each worker is reading. ``waiting()``, when given, is entered around each wait for a
     batch and may end it with an exception (the trainer's stop on a signal,
-    :meth:`mmggem.stopping.StopControl.waiting_for_data`); a batch is recorded only once the
+    :meth:`mmggem.train.stopping.StopControl.waiting_for_data`); a batch is recorded only once the
     wait is over, so the position stays that of the batches handed out.
     """
 

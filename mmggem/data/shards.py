@@ -20,8 +20,8 @@ from pathlib import Path
 
 import braceexpand
 
-from . import formats
 from ..errors import UserError
+from . import formats
 
 _WEIGHT = re.compile(r"^(?P<pattern>.+)@(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 _GLOB = re.compile(r"[*?[]")

@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError
 from .reader import ReaderSnapshot
 from .schedule import EpochOverride
-from ..errors import UserError
 
 STATE_VERSION = 2
 

@@ -2,7 +2,7 @@
 
 A cluster stops a job by signalling every process of it, the DataLoader's worker processes
 included. A worker killed by SIGTERM makes the main process raise before it can checkpoint, so
-workers do not act on the stop signals (:data:`mmggem.stopping.STOP_SIGNALS`): the main process
+workers do not act on the stop signals (:data:`STOP_SIGNALS`): the main process
 decides, checkpoints, and only then shuts them down. Their handler is a Python function, not
 ``SIG_IGN``, so the programs a ``pipe:`` shard runs start with the default handlers and stop
 with the job.
@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Callable, Iterator
 
-from ..stopping import STOP_SIGNALS
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""What a cluster (SLURM: SIGUSR1 before the time limit, SIGTERM on preemption) or a user (Ctrl-C) sends to stop a job."""
 
 URL_BYTES = 1024
 """Room for one worker's shard URL in shared memory; a longer one is cut (the warning says so with ...)."""

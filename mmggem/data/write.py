@@ -30,8 +30,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..fileio import atomic_directory
 from ..errors import MissingPathError, UsageError, UserError
+from ..fileio import atomic_directory
 from . import formats
 from .classnames import class_folders, imagenet_classnames, openai_imagenet_templates, read_classnames
 from .skips import skip_reason

@@ -28,7 +28,7 @@ import torch
 
 from ..data import formats
 from ..errors import UsageError, UserError
-from ..text_length import TrimmableCLIP, text_trim, trimming
+from ..model.text_length import TrimmableCLIP, text_trim, trimming
 from .dataset import Processes, open_eval_set
 from .encode import Encoding
 from .metadata import resolve_metadata
@@ -39,7 +39,7 @@ from .zeroshot import evaluate_zeroshot
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..runs import ModelSource
+    from ..checkpoint.runs import ModelSource
 
 __all__ = ["EvalResult", "LoadedModel", "evaluate_dataset", "load_model", "load_run_model", "TASKS"]
 
@@ -81,7 +81,7 @@ def evaluate_dataset(
         name: the dataset name in the result and for built-in class names (default: the folder's name).
         progress: a progress bar on the main process.
         trim_text: cut each text batch to its longest caption where the features stay the same
-            (:mod:`mmggem.text_length`); False encodes every caption at the full context length.
+            (:mod:`mmggem.model.text_length`); False encodes every caption at the full context length.
     """
     if task is not None and task not in TASKS.values():
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS.values())}")
@@ -147,27 +147,27 @@ def load_model(checkpoint: str, pretrained: str | None = None, cache_dir: str | 
     """Open what ``mmggem eval --checkpoint`` names.
 
     - an mmggem model folder, a run folder (its ``final/``) or a run's ``checkpoints/step_N``
-      (see :mod:`mmggem.runs`), or ``hf-hub:org/name`` of an mmggem model repo;
+      (see :mod:`mmggem.checkpoint.runs`), or ``hf-hub:org/name`` of an mmggem model repo;
     - ``hf-hub:org/name`` of any other open_clip model repo, built by open_clip's own ``hf-hub:`` loader;
     - ``open_clip:NAME`` with ``pretrained`` = a checkpoint file, a pretrained tag of NAME or an
-      ``hf-hub:`` name, found as ``model.pretrained`` is (:func:`mmggem.pretrained.resolve_pretrained`).
+      ``hf-hub:`` name, found as ``model.pretrained`` is (:func:`mmggem.model.pretrained.resolve_pretrained`).
 
     Hub files come from huggingface_hub's cache (``cache_dir`` or its default; offline, only the cache).
     Raises UserError when the weights do not fit the architecture, naming both.
     """
-    from ..hub import fetch_config, is_hub_name
+    from ..model.hub import fetch_config, is_hub_name
 
     if checkpoint.startswith(OPEN_CLIP_PREFIX):
         return _load_open_clip(checkpoint[len(OPEN_CLIP_PREFIX):], pretrained, cache_dir)
     if pretrained is not None:
         raise UsageError(f"--pretrained is for open_clip:NAME checkpoints; {checkpoint!r} is a whole model")
     if not is_hub_name(checkpoint):
-        from ..runs import locate
+        from ..checkpoint.runs import locate
 
         return load_run_model(locate(checkpoint))
     if "mmggem" not in fetch_config(checkpoint, cache_dir):
         return _open_clip_model(checkpoint, None, checkpoint, cache_dir)
-    from ..model import load
+    from ..model.clip import load
 
     model, preprocess, tokenizer = load(checkpoint, cache_dir)
     return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, checkpoint, Path(checkpoint).name)
@@ -175,7 +175,7 @@ def load_model(checkpoint: str, pretrained: str | None = None, cache_dir: str | 
 
 def load_run_model(source: "ModelSource") -> LoadedModel:
     """The model ``source`` names, filed under its run and step."""
-    from ..runs import load_source
+    from ..checkpoint.runs import load_source
 
     model, preprocess, tokenizer = load_source(source)
     return LoadedModel(model, preprocess, tokenizer, model.mmggem_spec.name, str(source.path), source.label,
@@ -191,9 +191,9 @@ def _load_open_clip(name: str, pretrained: str | None, cache_dir: str | None) ->
     """
     import open_clip
 
-    from ..hub import is_hub_name
-    from ..model import MODEL_CONFIG_DIR
-    from ..pretrained import resolve_pretrained, tag_quick_gelu
+    from ..model.clip import MODEL_CONFIG_DIR
+    from ..model.hub import is_hub_name
+    from ..model.pretrained import resolve_pretrained, tag_quick_gelu
 
     if pretrained is None:
         raise UsageError(f"open_clip:{name} needs --pretrained: a checkpoint file, one of its pretrained tags "
@@ -224,7 +224,7 @@ def _open_clip_model(name: str, weights: str | None, pretrained: str, cache_dir:
     except (RuntimeError, AssertionError, KeyError, TypeError) as error:  # open_clip's loader raises all of these
         detail = str(error)[:2000] or type(error).__name__
         raise UserError(f"{pretrained} does not fit open_clip model {name!r}: {detail}") from error
-    if type(model) is open_clip.CLIP:  # its text batches may then be trimmed (mmggem.text_length)
+    if type(model) is open_clip.CLIP:  # its text batches may then be trimmed (mmggem.model.text_length)
         TrimmableCLIP.adopt(model)
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), name, pretrained,

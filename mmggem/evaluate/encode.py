@@ -60,7 +60,7 @@ def encode_set_images(
     encoding: Encoding,
 ) -> ImageFeatures:
     """The images of an evaluation set, read from its shards: each process encodes its block, every process
-    gets all features (on the CPU) and the samples skipped. (:func:`mmggem.analysis.encode_images` encodes
+    gets all features (on the CPU) and the samples skipped. (:func:`mmggem.experiments.analysis.encode_images` encodes
     a batch already in memory.)
 
     Raises UserError when no image of the set decodes.
@@ -106,7 +106,7 @@ def encode_texts(
     """Normalised embeddings of ``texts`` (each process encodes a block), in order, on the CPU.
 
     Texts are batched shortest first (by characters), so that a batch trimmed to its longest text
-    (:mod:`mmggem.text_length`) keeps little padding; the features are put back in order.
+    (:mod:`mmggem.model.text_length`) keeps little padding; the features are put back in order.
     """
     device = encoding.device
     mine = [texts[i] for i in processes.part(len(texts))]

@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import UsageError, UserError
-
 from .dataset import EvalSet, Processes
 from .encode import Encoding, encode_set_images, encode_texts
 from .results import DEFAULT_RECALL_K, ZEROSHOT_RETRIEVAL, EvalResult

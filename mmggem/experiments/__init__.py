@@ -1,0 +1,1 @@
+"""Experiments on top of training: the pooling ablation and its statistics, notebook analysis, the demo."""

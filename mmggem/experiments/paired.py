@@ -1,0 +1,69 @@
+"""Differences to a baseline paired by seed, with a t interval, for the pooling ablation.
+
+Runs with the same seed share every initial weight but the pooler's, and the data
+order (:func:`mmggem.model.clip.build_model`), so the difference of two poolings at one
+seed removes the part of the seed noise they share. Over the n seeds both poolings
+finished, the mean difference d and its 95% interval
+
+    d +- t(0.975, n - 1) * s / sqrt(n)
+
+(s the sample standard deviation of the differences) say how far apart the two
+poolings are and how sure a reader can be of the sign. One seed gives no interval.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``mean`` of ``value - baseline`` over ``seeds`` seeds and its interval ``[low, high]`` (nan for one seed)."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+    @property
+    def includes_zero(self) -> bool:
+        """True when the interval cannot rule out "no difference" (always true without an interval)."""
+        return not (self.low > 0 or self.high < 0)
+
+
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> PairedDifference | None:
+    """Compare ``values`` with ``baseline``, both keyed by seed, over the seeds both have; None if none."""
+    from scipy.stats import t
+
+    seeds = sorted(values.keys() & baseline.keys())
+    diffs = [values[s] - baseline[s] for s in seeds]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return PairedDifference(mean, math.nan, math.nan, 1)
+    half = float(t.ppf(0.5 + LEVEL / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return PairedDifference(mean, mean - half, mean + half, len(diffs))
+
+
+def format_difference(diff: PairedDifference | None) -> str:
+    """``+1.23 [-0.40, +2.86] (n=3)`` in percentage points, for a table cell."""
+    if diff is None:
+        return "no common seed"
+    if diff.seeds < 2:
+        return f"{100 * diff.mean:+.2f} (n=1, no interval)"
+    return f"{100 * diff.mean:+.2f} [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] (n={diff.seeds})"
+
+
+def plain_note(pooling: str, baseline: str, metric: str, diff: PairedDifference | None) -> str | None:
+    """One sentence for a difference whose interval includes 0 (or that has none), else None."""
+    if diff is None or not diff.includes_zero:
+        return None
+    if diff.seeds < 2:
+        return (f"{pooling} vs {baseline}, {metric}: one paired seed gives no interval; "
+                "run more seeds before reading anything into the difference.")
+    return (f"{pooling} vs {baseline}, {metric}: the 95% interval includes 0, so these {diff.seeds} seeds "
+            f"cannot tell {pooling} from {baseline} on this metric (the difference may be seed noise).")

@@ -1,0 +1,221 @@
+"""The ablation's tables: per arm, the mean and spread over seeds of its final metrics, and its
+difference to each baseline arm paired by seed, as ``ablation.md``, ``ablation.csv`` and ``ablation.png``.
+
+The metrics are the last logged ``eval/<set>/<metric>`` of every run, for every evaluation set of the
+config, restricted to the names in ``metrics`` (by default zero-shot ``acc1`` and retrieval Recall@1 in
+both directions); ``head_dependence`` in ``metrics`` adds the head-wise dependence of each run's pooled
+features on every evaluation set (:mod:`mmggem.experiments.probes`). Paired differences and their 95% intervals are :mod:`mmggem.experiments.paired`'s. Arms whose
+pooler learns exponents (gem, ggem and their variants) also get their p per group: the last value in the
+Markdown, the whole course of training in ``ablation_p.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import UserError
+from ..train.records import PTrajectory, p_trajectory, read_records
+from .ablation import AblationRun
+from .paired import PairedDifference, format_difference, paired_difference, plain_note
+from .probes import HEAD_DEPENDENCE, run_head_dependence
+
+SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
+
+
+def final_metrics(run: AblationRun, probes: Sequence[str] = ()) -> dict[str, float]:
+    """The last logged value of every ``eval/<set>/<metric>`` of a run, and those of the ``probes``
+    measured on its final model (:mod:`mmggem.experiments.probes`; only ``head_dependence`` exists)."""
+    results = run.output_dir / "results.jsonl"
+    if not results.is_file():
+        raise FileNotFoundError(f"{results} is missing: run {run.name} seed {run.seed} never logged")
+    metrics: dict[str, float] = {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        metrics.update({k: v for k, v in record.items() if k.startswith("eval/")})
+    if HEAD_DEPENDENCE in probes:
+        metrics.update(run_head_dependence(run.output_dir))
+    return metrics
+
+
+def summary_columns(metrics: list[dict[str, float]], names: Sequence[str] = SUMMARY_METRICS) -> list[str]:
+    keys = sorted({key for m in metrics for key in m if key.rsplit("/", 1)[-1] in names})
+    if not keys:
+        raise UserError(f"no run logged any of the metrics {', '.join(names)}: set eval.datasets in the config, "
+                        "or name metrics the evaluation reports")
+    return keys
+
+
+Differences = dict[str, dict[str, PairedDifference | None]]  # arm -> column -> difference to one baseline
+
+
+@dataclass
+class Summary:
+    columns: list[str]
+    rows: dict[str, dict[str, tuple[float, float, int]]]  # arm -> column -> (mean, std, n)
+    differences: dict[str, Differences]  # baseline arm -> its comparisons (empty without baselines)
+    exponents: dict[tuple[str, int], PTrajectory]  # (arm, seed) -> p over training, for learned exponents
+
+
+def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
+              metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
+    per_run = {run: final_metrics(run, metrics) for run in runs}
+    columns = summary_columns(list(per_run.values()), metrics)
+    rows: dict[str, dict[str, tuple[float, float, int]]] = {}
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}  # arm -> column -> seed -> value
+    for arm in dict.fromkeys(run.name for run in runs):
+        rows[arm], by_seed[arm] = {}, {}
+        for column in columns:
+            by_seed[arm][column] = {r.seed: m[column] for r, m in per_run.items() if r.name == arm and column in m}
+            values = list(by_seed[arm][column].values())
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows[arm][column] = (statistics.fmean(values), spread, len(values))
+    differences = {base: {arm: {c: paired_difference(by_seed[arm][c], by_seed[base][c]) for c in columns}
+                          for arm in rows if arm != base}
+                   for base in baselines}
+    return Summary(columns, rows, differences, learned_exponents(runs))
+
+
+def learned_exponents(runs: list[AblationRun]) -> dict[tuple[str, int], PTrajectory]:
+    """The logged exponents of every run whose pooler learns them (the others are left out)."""
+    exponents = {}
+    for run in runs:
+        try:
+            exponents[run.name, run.seed] = p_trajectory(read_records(run.output_dir))
+        except ValueError:  # no exponent logged: cls, avg, max or attn
+            continue
+    return exponents
+
+
+def _label(column: str) -> str:
+    return column.removeprefix("eval/")
+
+
+def write_markdown(summary: Summary, path: Path) -> None:
+    header = "| pooling | " + " | ".join(_label(c) for c in summary.columns) + " |"
+    rule = "|" + " --- |" * (len(summary.columns) + 1)
+    lines = [header, rule]
+    for arm, cells in summary.rows.items():
+        values = [f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" for m, s, n in (cells[c] for c in summary.columns)]
+        lines.append(f"| {arm} | " + " | ".join(values) + " |")
+    lines += ["", "Values in %, mean ± sample standard deviation over seeds."]
+    if any(c.endswith("/" + HEAD_DEPENDENCE) for c in summary.columns):
+        lines += ["", f"{HEAD_DEPENDENCE}: the mean absolute correlation, over the set's images, between pooled "
+                  "channels of different attention heads, x 100 (lower: the heads' channels are less dependent)."]
+    for baseline, differences in summary.differences.items():
+        lines += ["", f"Difference to {baseline}, paired by seed, in percentage points: "
+                  "mean [95% t interval] (seeds).", "", header, rule]
+        for arm, cells in differences.items():
+            lines.append(f"| {arm} | " + " | ".join(format_difference(cells[c]) for c in summary.columns) + " |")
+        notes = [plain_note(arm, baseline, _label(c), cells[c])
+                 for arm, cells in differences.items() for c in summary.columns]
+        lines += [""] + [f"- {note}" for note in notes if note]
+    if summary.exponents:
+        groups = max(trajectory.groups for trajectory in summary.exponents.values())
+        lines += ["", "Learned exponents p at the last logged step, per group.", "",
+                  "| arm | seed | " + " | ".join(f"group {g}" for g in range(groups)) + " |",
+                  "|" + " --- |" * (groups + 2)]
+        for (arm, seed), trajectory in summary.exponents.items():
+            cells = [f"{p:.3f}" for p in trajectory.p[-1]] + [""] * (groups - trajectory.groups)  # gem has one
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(summary: Summary, path: Path) -> None:
+    """One row per arm, metric and baseline (one row with empty paired fields without baselines)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["pooling", "metric", "mean", "std", "seeds",
+                         "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds"])
+        for arm, cells in summary.rows.items():
+            for column in summary.columns:
+                mean, std, n = cells[column]
+                for baseline in summary.differences or [None]:
+                    diff = summary.differences[baseline].get(arm, {}).get(column) if baseline else None
+                    paired = ([baseline, f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds]
+                              if diff is not None else ["", "", "", "", ""])
+                    writer.writerow([arm, _label(column), f"{mean:.6f}", f"{std:.6f}", n, *paired])
+
+
+def write_plot(summary: Summary, path: Path) -> None:
+    """Means with their seed spread on the first row; below, one row of paired differences per baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = 1 + len(summary.differences)
+    fig, axes = plt.subplots(rows, len(summary.columns), figsize=(4 * len(summary.columns), 3.5 * rows),
+                             squeeze=False)
+    arms = list(summary.rows)
+    for ax, column in zip(axes[0], summary.columns):
+        means = [100 * summary.rows[a][column][0] for a in arms]
+        stds = [100 * summary.rows[a][column][1] for a in arms]
+        ax.bar(arms, means, yerr=stds, capsize=4, color=["C3" if a.startswith("ggem") else "C0" for a in arms])
+        ax.set_title(_label(column), fontsize=9)
+        ax.set_ylabel("%, mean ± sd over seeds")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    for row, (baseline, differences) in enumerate(summary.differences.items(), start=1):
+        for ax, column in zip(axes[row], summary.columns):
+            _plot_differences(ax, differences, baseline, column)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_differences(ax: Any, differences: Differences, baseline: str, column: str) -> None:
+    """Paired differences to ``baseline`` with their 95% intervals (no whisker for one seed)."""
+    cells = {a: by_column[column] for a, by_column in differences.items() if by_column[column] is not None}
+    means = [100 * d.mean for d in cells.values()]
+    errors = [[100 * (d.mean - d.low) if d.seeds > 1 else 0 for d in cells.values()],
+              [100 * (d.high - d.mean) if d.seeds > 1 else 0 for d in cells.values()]]
+    ax.errorbar(list(cells), means, yerr=errors, fmt="o", capsize=4)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_title(f"{_label(column)} - {baseline}", fontsize=9)
+    ax.set_ylabel("points, 95% interval")
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+
+
+def write_exponent_plot(summary: Summary, path: Path) -> None:
+    """One panel per arm with learned exponents: p of each group (colour) over steps, one line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(arm for arm, _ in summary.exponents))
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.5), squeeze=False, sharey=True)
+    styles = ("-", "--", ":", "-.")
+    for ax, arm in zip(axes[0], arms):
+        runs = {seed: trajectory for (name, seed), trajectory in summary.exponents.items() if name == arm}
+        for seed, trajectory in runs.items():
+            for group in range(trajectory.groups):
+                label = f"group {group}" if seed == min(runs) else None
+                ax.plot(trajectory.steps, trajectory.p[:, group], styles[seed % len(styles)], color=f"C{group}",
+                        label=label)
+        ax.set_title(f"{arm}: p per group (line style: seed)", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("p")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(runs: list[AblationRun], out: Path, baselines: Sequence[str] = (),
+                  metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
+    """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (and OUT/ablation_p.png when an arm
+    learns exponents); return the summary.
+
+    With ``baselines`` (names of the runs' arms), each also reports the paired differences to every one.
+    """
+    summary = summarise(runs, baselines, metrics)
+    write_markdown(summary, out / "ablation.md")
+    write_csv(summary, out / "ablation.csv")
+    write_plot(summary, out / "ablation.png")
+    if summary.exponents:
+        write_exponent_plot(summary, out / "ablation_p.png")
+    return summary

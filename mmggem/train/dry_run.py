@@ -1,0 +1,182 @@
+"""What ``mmggem train CONFIG --dry-run`` and ``mmggem ablate CONFIG --dry-run`` print: the run a
+config describes, without building a model, reading data or writing anything.
+
+The config is read by the caller with the same :func:`mmggem.config.run.load_config` a real run uses,
+so every error a run would raise at config time is raised by a dry run too. What depends on the
+machine or on files is reported, not refused: the processes and precision come from the launcher's
+environment (``WORLD_SIZE``, set by ``accelerate launch``, torchrun and ``launch/slurm.sh``;
+``ACCELERATE_MIXED_PRECISION``), and shards, evaluation sets and checkpoints are looked up and
+said to be there or not, since commands are often checked before the data is in place (and the
+documentation uses placeholder paths). What a real run would stop on is listed at the end.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import braceexpand
+import torch
+import yaml
+
+from ..checkpoint.store import STATE_FILE, checkpoint_dir, list_checkpoints
+from ..config.run import RunConfig, to_dict
+from ..data.shards import count_samples, parse_spec
+from ..errors import UsageError, UserError
+from .precision import effective_precision, precision_line
+
+_TRUE = ("1", "true", "yes", "y", "t", "on")  # accelerate's spelling of a set flag (accelerate.utils.str_to_bool)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The processes a run would have, as the launcher's environment says."""
+
+    processes: int
+    rank: int
+    device: str
+    fsdp: bool
+
+    @property
+    def prints(self) -> bool:
+        """Only the main process prints a dry run, as only it prints a real run's log."""
+        return self.rank == 0
+
+
+def launch_from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
+    """The launch the environment describes; no process group is started and no device is touched
+    beyond asking torch whether CUDA is there."""
+    cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE
+    return Launch(processes=_count(environ, "WORLD_SIZE", 1), rank=_count(environ, "RANK", 0),
+                  device="cpu" if cpu or not torch.cuda.is_available() else "cuda",
+                  fsdp=environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE)
+
+
+def report(describe: Callable[[Launch], str], environ: Mapping[str, str] = os.environ) -> int:
+    """Print ``describe(launch)`` for the launch ``environ`` describes, on its main process only; the exit code, 0."""
+    launch = launch_from_environment(environ)
+    if launch.prints:
+        print(describe(launch))
+    return 0
+
+
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    """The whole number in environment variable ``name``, ``default`` when unset; a UsageError otherwise."""
+    text = environ.get(name, "")
+    if not text:
+        return default
+    if not text.isdigit():
+        raise UsageError(f"environment variable {name}={text!r} is not a whole number")
+    return int(text)
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every key with its value (what a run writes to config.yaml)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe_training(cfg: RunConfig, launch: Launch, problems: list[str]) -> list[str]:
+    """Processes, precision, steps and batch sizes; appends what a real run would refuse to ``problems``."""
+    precision = effective_precision(cfg.train.precision)
+    if precision == "fp16" and (launch.device != "cuda" or launch.fsdp):
+        problems.append(f"precision fp16 is refused {'under FSDP' if launch.fsdp else 'on the CPU'}; use bf16 or no")
+    steps = f"steps: {cfg.train.steps}"
+    if cfg.train.stop_at_step:
+        steps += f", stopping at step {cfg.train.stop_at_step} (train.stop_at_step)"
+    if cfg.train.time_limit:
+        steps += f", or after {cfg.train.time_limit} (train.time_limit)"
+    global_batch = cfg.train.batch_size * launch.processes
+    micro = f", in {cfg.train.accum_steps} micro-batches" if cfg.train.accum_steps > 1 else ""
+    return [f"processes: {launch.processes} ({launch.device}{', FSDP' if launch.fsdp else ''}; "
+            "WORLD_SIZE of the launcher, 1 without one)",
+            precision_line(precision, cfg.train.precision),
+            steps,
+            f"batch: {cfg.train.batch_size} per process, {global_batch} global{micro}",
+            f"samples: {cfg.train.steps * global_batch:,} (steps x global batch)"]
+
+
+def describe_data(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """The training shards of ``data.train``, source by source (how many, whether there), and the evaluation sets."""
+    lines = [f"training shards: {cfg.data.train}"]
+    urls: list[str] = []
+    usable = True
+    for source in (part.strip() for part in cfg.data.train.split("::")):
+        try:
+            [parsed] = parse_spec(source)
+        except UserError as error:  # missing shards, a bad weight: what the loader would stop on
+            named = len(list(braceexpand.braceexpand(source)))
+            lines.append(f"  {source}: {named} shard(s) named, not usable now: {error}")
+            problems.append(str(error))
+            usable = False
+            continue
+        urls.extend(parsed.urls)
+        weight = "" if parsed.weight == 1 else f", weight {parsed.weight:g}"
+        lines.append(f"  {source}: {len(parsed.urls)} shard(s){weight}")
+    lines.append(f"samples per epoch: {_epoch_size(cfg, urls if usable else None)}")
+    return lines + _eval_lines(cfg, problems)
+
+
+def _eval_lines(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """The evaluation sets of ``eval.datasets``, when they run and whether each folder is there."""
+    when = (f", every {cfg.eval.every} steps and at the end" if cfg.eval.every
+            else ", at the end" if cfg.eval.datasets else " (eval.datasets is empty)")
+    lines = [f"evaluation sets: {len(cfg.eval.datasets)}{when}"]
+    for dataset in cfg.eval.datasets:
+        found = Path(str(dataset)).is_dir()
+        lines.append(f"  {dataset}: {'found' if found else 'not found'}")
+        if not found:
+            problems.append(f"evaluation set {dataset} not found")
+    return lines
+
+
+def _epoch_size(cfg: RunConfig, urls: list[str] | None) -> str:
+    """``data.num_samples``, else the total of the sizes.json beside the shards ``urls`` (None: not all there)."""
+    if cfg.data.num_samples is not None:
+        return f"{cfg.data.num_samples:,} (data.num_samples)"
+    if urls is None:
+        return "unknown until the shards are there"
+    try:
+        return f"{count_samples(urls):,} (sizes.json beside the shards)"
+    except UserError as error:
+        return f"unknown: {error}"
+
+
+def describe_output(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """Where the run would write, and whether it would resume (as ``train.resume`` picks; not verified here)."""
+    output_dir = Path(cfg.output_dir)
+    kept = list_checkpoints(output_dir)
+    lines = [f"output_dir: {output_dir} ({'exists' if output_dir.is_dir() else 'new'}"
+             f"{f', {len(kept)} checkpoint(s)' if kept else ''}; a dry run writes nothing)"]
+    resume = cfg.train.resume
+    if not resume:
+        lines.append("resume: no (train.resume is empty): starts at step 0")
+        if kept:
+            problems.append(f"{checkpoint_dir(output_dir)} already holds checkpoints: set train.resume=latest "
+                            "or choose another output_dir")
+    elif resume == "latest":
+        lines.append(f"resume: from {kept[-1]} (verified at start)" if kept
+                     else "resume: latest, but there is no checkpoint yet: starts at step 0")
+    else:
+        lines.append(f"resume: from {resume}")
+        if not (Path(resume) / STATE_FILE).is_file():
+            problems.append(f"train.resume={resume!r}: not a complete checkpoint ({Path(resume) / STATE_FILE} "
+                            "is missing)")
+    return lines
+
+
+def describe_run(cfg: RunConfig, launch: Launch) -> str:
+    """The full dry-run report of ``mmggem train``: the resolved config, then what would run."""
+    problems: list[str] = []
+    lines = [*describe_training(cfg, launch, problems), *describe_data(cfg, problems),
+             *describe_output(cfg, problems)]
+    return "\n".join([config_yaml(cfg).rstrip(), "", "dry run: nothing is built, trained or written", *lines,
+                      *problem_lines(problems)])
+
+
+def problem_lines(problems: Sequence[str]) -> list[str]:
+    """The closing lines: that a real run would start, or what it would stop on."""
+    if not problems:
+        return ["a real run would start"]
+    return [f"a real run would stop on {len(problems)} problem(s) as things stand:",
+            *(f"  - {problem}" for problem in problems)]
