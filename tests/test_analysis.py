@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mmggem
-from mmggem import analysis
+from mmggem.experiments import analysis
 from mmggem.data.fashion_mnist import CLASSNAMES, ZEROSHOT_TEMPLATES, load_splits
 
 matplotlib.use("Agg")

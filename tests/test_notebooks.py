@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 import mmggem
-from mmggem import analysis
+from mmggem.experiments import analysis
 from mmggem.data.fashion_mnist import _png
 from mmggem.data.write import ClassSample, RetrievalSample, write_classification_set, write_retrieval_set
 from mmggem.evaluate.dataset import open_eval_set, read_image

@@ -184,7 +184,7 @@ def test_config_errors_fail_before_training(train_shards: str, tmp_path: Path) -
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmggem import train as trainer
+    from mmggem.train import loop as trainer
     from mmggem.config.run import load_config
 
     real_build_loss = trainer.build_loss

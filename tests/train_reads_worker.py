@@ -17,7 +17,7 @@ from pathlib import Path
 
 from host_reads import HostReads
 
-from mmggem import train as trainer
+from mmggem.train import loop as trainer
 from mmggem.config.run import load_config
 
 
