@@ -9,7 +9,8 @@ Weights come with more than their tensors, and open_clip's factory
   named one's, as open_clip's ``hf-hub:`` names do: its text tower and tokenizer included) and its
   ``preprocess_cfg``;
 - a folder written by :func:`mmggem.save_model` (or an mmggem Hub repo) brings its ``preprocess_cfg``;
-- a bare weights file brings nothing, and open_clip's defaults hold.
+- a bare weights file, or a Hub repo of weights alone (no ``open_clip_config.json``), brings nothing,
+  and the named model's config and open_clip's default preprocessing hold.
 
 open_clip's own download code fetches tags and plain open_clip Hub repos (so its cache layout and
 file choices hold); an mmggem model repo is fetched whole by :mod:`mmggem.model.hub`, since its pooler
@@ -72,14 +73,22 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
     if Path(text).exists():
         return _local(Path(text))
     if is_hub_name(text):
-        config = fetch_config(text, cache)
+        source = {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}  # open_clip's form: the default file
+        try:
+            config = fetch_config(text, cache)
+        except MissingPathError as no_config:  # a repo of weights alone: they load into ``name``'s config
+            if not fetch_weights:
+                return Pretrained(None)
+            try:
+                return Pretrained(_download(text, source, cache))
+            except MissingPathError:
+                raise no_config from None
         if "mmggem" in config:  # the whole folder, so that the pooler's parameters load too
             weights = download_model_folder(text, cache) if fetch_weights else None
             return Pretrained(weights, _preprocess_keys(config.get("preprocess_cfg")))
         if not isinstance(config.get("model_cfg"), dict):
             raise UserError(f"{text}: its {CONFIG_FILE} has no 'model_cfg' section, which open_clip's hf-hub: "
                             "loader needs as well")
-        source = {"hf_hub": text[len(HF_HUB_PREFIX):].rstrip("/") + "/"}  # open_clip's form: the default file
         return Pretrained(_download(text, source, cache) if fetch_weights else None,
                           _preprocess_keys(config.get("preprocess_cfg")), config["model_cfg"])
     source = get_pretrained_cfg(name, text)
