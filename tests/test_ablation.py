@@ -64,6 +64,7 @@ def test_ablation_tabulates_mean_and_std_over_seeds(train_shards: str, small_eva
 
 
 T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5% quantile, by degrees of freedom (any statistics table)
+T_80 = {2: 1.0607}  # Student's t, 80% quantile
 
 
 def finished_run(out: Path, pooling: str, seed: int, recall: float, exponents: tuple[float, ...] = ()) -> None:
@@ -101,6 +102,9 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert abs(float(ggem["diff_mean"]) - 0.021) < 1e-9 and ggem["paired_seeds"] == "3"
     assert abs(float(ggem["diff_low"]) - (0.021 - half)) < 1e-5 and abs(float(ggem["diff_high"]) - (0.021 + half)) < 1e-5
     assert float(max_["diff_low"]) < 0 < float(max_["diff_high"])
+    # the smallest difference 3 seeds of this spread would detect: 80% power at the 95% level
+    detectable = (T_975[2] + T_80[2]) * statistics.stdev([0.020, 0.021, 0.022]) / 3**0.5
+    assert abs(float(ggem["diff_detectable"]) - detectable) < 1e-5
     assert gem["paired_seeds"] == "1" and gem["diff_low"] == "nan" and by_pair["avg", ""]["diff_mean"] == ""
     ggem_vs_max = [0.020 + 0.01, 0.021 - 0.02, 0.022 - 0.0]
     assert abs(float(by_pair["ggem", "max"]["diff_mean"]) - statistics.fmean(ggem_vs_max)) < 1e-6
@@ -111,6 +115,8 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert "ggem vs avg" not in markdown  # no note for a difference the interval resolves
     assert "gem vs avg, flickr/text_retrieval_recall@1: one paired seed" in markdown
     assert markdown.index("Difference to avg, paired") < markdown.index("Difference to max, paired")
+    assert f"Smallest difference to avg these seeds could detect" in markdown
+    assert f"| ggem | {100 * detectable:.2f} |" in markdown and "| gem | - |" in markdown
     assert "ggem vs max, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     # the learned exponents: only ggem logged them; the last value per group and seed, and their course

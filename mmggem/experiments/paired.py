@@ -9,6 +9,12 @@ finished, the mean difference d and its 95% interval
 
 (s the sample standard deviation of the differences) say how far apart the two
 poolings are and how sure a reader can be of the sign. One seed gives no interval.
+
+"No difference" needs a size too: the smallest true difference these n seeds would detect
+with probability ``POWER`` at the same level (a two-sided paired t test), taking the measured
+spread of the differences as the true one,
+
+    (t(0.975, n - 1) + t(POWER, n - 1)) * s / sqrt(n).
 """
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ import statistics
 from dataclasses import dataclass
 
 LEVEL = 0.95
+POWER = 0.8
 
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """``mean`` of ``value - baseline`` over ``seeds`` seeds and its interval ``[low, high]`` (nan for one seed)."""
+    """``mean`` of ``value - baseline`` over ``seeds`` seeds, its interval ``[low, high]`` and the smallest
+    difference the seeds could detect, ``detectable`` (both nan for one seed)."""
 
     mean: float
     low: float
     high: float
     seeds: int
+    detectable: float = math.nan
 
     @property
     def includes_zero(self) -> bool:
@@ -45,8 +54,10 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> P
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDifference(mean, math.nan, math.nan, 1)
-    half = float(t.ppf(0.5 + LEVEL / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return PairedDifference(mean, mean - half, mean + half, len(diffs))
+    error = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    critical, power = float(t.ppf(0.5 + LEVEL / 2, len(diffs) - 1)), float(t.ppf(POWER, len(diffs) - 1))
+    return PairedDifference(mean, mean - critical * error, mean + critical * error, len(diffs),
+                            (critical + power) * error)
 
 
 def format_difference(diff: PairedDifference | None) -> str:
@@ -56,6 +67,11 @@ def format_difference(diff: PairedDifference | None) -> str:
     if diff.seeds < 2:
         return f"{100 * diff.mean:+.2f} (n=1, no interval)"
     return f"{100 * diff.mean:+.2f} [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] (n={diff.seeds})"
+
+
+def format_detectable(diff: PairedDifference | None) -> str:
+    """``1.23`` percentage points, or a dash where one seed (or none) gives no spread."""
+    return "-" if diff is None or diff.seeds < 2 else f"{100 * diff.detectable:.2f}"
 
 
 def plain_note(pooling: str, baseline: str, metric: str, diff: PairedDifference | None) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..train.records import PTrajectory, p_trajectory, read_records
 from .ablation import AblationRun
-from .paired import PairedDifference, format_difference, paired_difference, plain_note
+from .paired import POWER, PairedDifference, format_detectable, format_difference, paired_difference, plain_note
 from .probes import HEAD_DEPENDENCE, run_head_dependence
 
 SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
@@ -80,9 +80,10 @@ def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
 
 
 def learned_exponents(runs: list[AblationRun]) -> dict[tuple[str, int], PTrajectory]:
-    """The logged exponents of every run whose pooler learns them (the others are left out)."""
+    """The logged exponents of every run whose pooler learns them (the others are left out), arm by arm."""
+    arms = list(dict.fromkeys(run.name for run in runs))
     exponents = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda run: (arms.index(run.name), run.seed)):
         try:
             exponents[run.name, run.seed] = p_trajectory(read_records(run.output_dir))
         except ValueError:  # no exponent logged: cls, avg, max or attn
@@ -113,6 +114,11 @@ def write_markdown(summary: Summary, path: Path) -> None:
         notes = [plain_note(arm, baseline, _label(c), cells[c])
                  for arm, cells in differences.items() for c in summary.columns]
         lines += [""] + [f"- {note}" for note in notes if note]
+        lines += ["", f"Smallest difference to {baseline} these seeds could detect ({100 * POWER:.0f}% power, "
+                  "95% two-sided paired t test, from the spread of the paired differences), in percentage points.",
+                  "", header, rule]
+        for arm, cells in differences.items():
+            lines.append(f"| {arm} | " + " | ".join(format_detectable(cells[c]) for c in summary.columns) + " |")
     if summary.exponents:
         groups = max(trajectory.groups for trajectory in summary.exponents.values())
         lines += ["", "Learned exponents p at the last logged step, per group.", "",
@@ -129,14 +135,14 @@ def write_csv(summary: Summary, path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["pooling", "metric", "mean", "std", "seeds",
-                         "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds"])
+                         "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds", "diff_detectable"])
         for arm, cells in summary.rows.items():
             for column in summary.columns:
                 mean, std, n = cells[column]
                 for baseline in summary.differences or [None]:
                     diff = summary.differences[baseline].get(arm, {}).get(column) if baseline else None
-                    paired = ([baseline, f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds]
-                              if diff is not None else ["", "", "", "", ""])
+                    paired = ([baseline, f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds,
+                               f"{diff.detectable:.6f}"] if diff is not None else ["", "", "", "", "", ""])
                     writer.writerow([arm, _label(column), f"{mean:.6f}", f"{std:.6f}", n, *paired])
 
 
