@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_fixtures import image_bytes, noise, solid, write_tar
-from mmggem.data import demo, formats
+from mmggem.data import fashion_mnist as demo
+from mmggem.data import formats
 from mmggem.data.captions import build_from_captions, read_caption_rows
 from mmggem.data.write import (
     ClassSample, EncodedImage, RetrievalSample, build_classification_set, write_classification_set, write_retrieval_set,
