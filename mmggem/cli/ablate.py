@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="poolings or variants to compare every other arm with, paired by seed, with a 95%% t "
                              "interval over the seeds (one table per baseline)")
     parser.add_argument("--metrics", default=",".join(SUMMARY_METRICS),
-                        help="metric names to tabulate, for every evaluation set that reports them "
-                             "(default: %(default)s)")
+                        help="metric names to tabulate, for every evaluation set that reports them; "
+                             "head_dependence adds the head-wise dependence of each run's pooled features on "
+                             "every evaluation set (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and every arm's overrides, print the planned runs (arm, seed, "
                              "folder, finished, resumable or new) and exit without training")
