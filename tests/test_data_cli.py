@@ -64,7 +64,9 @@ def test_captions_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     printed = capsys.readouterr().out
     assert "wrote training shards: 5 samples in 3 shard(s)" in printed
     assert "skipped 1 (missing_file): 9.png" in printed
-    assert sorted(all_captions(str(tmp_path / "shards" / "{00000..00002}.tar"))) == [f"caption {i}" for i in range(5)]
+    pattern = f"{tmp_path / 'shards'}/{{00000..00002}}.tar"
+    assert f"train on them with data.train='{pattern}'" in printed  # the pattern a run config needs, as printed
+    assert sorted(all_captions(pattern)) == [f"caption {i}" for i in range(5)]
     (tmp_path / "images" / "0.png").write_bytes(image_bytes(solid((1, 2, 3))))
     assert run_cli(argv) == 1
     assert run_cli(argv + ["--overwrite"]) == 0

@@ -18,8 +18,9 @@ from typing import Iterator, Literal
 
 from ..errors import MissingPathError, UsageError, UserError
 from . import formats
-from .write import (EncodedImage, RetrievalSample, Skipped, TrainingSample, WriteReport, _encoded, _image_files,
-                    _require_dir, _write_atomically, progress_bar, write_retrieval_set, write_training_shards)
+from .write import (TRAINING_SHARDS, EncodedImage, RetrievalSample, Skipped, TrainingSample, WriteReport, _encoded,
+                    _image_files, _require_dir, _write_atomically, progress_bar, write_retrieval_set,
+                    write_training_shards)
 
 __all__ = ["CAPTION_FILE_SUFFIXES", "CaptionLayout", "CaptionRow", "build_from_captions", "read_caption_rows"]
 
@@ -194,7 +195,7 @@ def build_from_captions(
     if (split_column is None) != (split is None):
         raise UsageError("--split-column and --split go together: the column, and the value of the rows to use")
     images = _require_dir(images)
-    report = WriteReport(Path(out), "training shards" if layout == "training" else "retrieval set")
+    report = WriteReport(Path(out), TRAINING_SHARDS if layout == "training" else "retrieval set")
     columns = {"file": file_column, "caption": caption_column, "split": split_column}
     grouped = _caption_groups(images, captions, columns, split, report)
     if layout == "training":

@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image
 
 from ..fileio import atomic_directory
-from .write import (ClassSample, EncodedImage, RetrievalSample, TrainingSample, WriteReport, progress_bar,
-                    write_classification_set, write_retrieval_set, write_training_shards)
+from .write import (TRAINING_SHARDS, ClassSample, EncodedImage, RetrievalSample, TrainingSample, WriteReport,
+                    progress_bar, write_classification_set, write_retrieval_set, write_training_shards)
 
 ASSET = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
 TRAIN_PER_CLASS = 700
@@ -201,7 +201,7 @@ def write_demo(out: str | os.PathLike, *, samples_per_shard: int = DEMO_SAMPLES_
     test_captions = captions(splits.test_images, splits.test_labels, thresholds, per_image=2, seed=CAPTION_SEED + 1)
     n_test = len(test_captions)
     out = Path(out)
-    reports = [WriteReport(out / "train", "training shards"), WriteReport(out / "zeroshot", "classification set"),
+    reports = [WriteReport(out / "train", TRAINING_SHARDS), WriteReport(out / "zeroshot", "classification set"),
                WriteReport(out / "retrieval", "retrieval set")]
 
     def train() -> Iterator[TrainingSample]:

@@ -77,6 +77,9 @@ class Skipped:
     def __post_init__(self) -> None:
         skip_reason(self.reason)
 
+TRAINING_SHARDS = "training shards"
+"""The kind of a report on webdataset training shards (its summary names the ``data.train`` pattern)."""
+
 
 @dataclass
 class WriteReport:
@@ -103,6 +106,8 @@ class WriteReport:
     def summary(self, max_items: int = 5) -> str:
         """Human-readable lines: counts, location, then each skip reason with a few examples."""
         lines = [f"wrote {self.kind}: {self.samples} samples in {self.shards} shard(s) to {self.out}"]
+        if self.kind == TRAINING_SHARDS and self.shards:
+            lines.append(f"train on them with data.train='{self.out}/{{00000..{self.shards - 1:05d}}}.tar'")
         return "\n".join(lines + [f"  {line}" for line in self.skip_lines(max_items)])
 
 
