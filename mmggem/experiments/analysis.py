@@ -71,6 +71,19 @@ def _look_up(given: Path) -> list[Path]:
     return [given] if given.is_absolute() else [folder / given for folder in (Path.cwd(), *Path.cwd().parents)]
 
 
+def run_eval_folders(run_dir: str | os.PathLike) -> dict[str, Path | None]:
+    """Each entry of the run's ``eval.datasets`` (from its ``config.yaml``) and the folder it names,
+    looked up as :func:`find_run_dir` does, or None where no such folder is found from here."""
+    import yaml
+
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    folders: dict[str, Path | None] = {}
+    for entry in config.get("eval", {}).get("datasets", []):
+        found = [path for path in _look_up(Path(entry).expanduser()) if path.is_dir()]
+        folders[entry] = found[0] if found else None
+    return folders
+
+
 @dataclass(frozen=True)
 class RunSet:
     """An evaluation set of a run, its images decoded: class labels and names, or captions, as the set gives them.
@@ -94,28 +107,25 @@ def run_eval_set(run_dir: str | os.PathLike, *kinds: str, limit: int | None = No
     Read from the run's ``config.yaml``, so a notebook shows the data the run was evaluated on;
     a relative set path is looked up as :func:`find_run_dir` does. ``limit`` keeps the first images only.
     """
-    import yaml
-
     from ..data import formats
     from ..evaluate.dataset import open_eval_set, read_image
     from ..evaluate.metadata import resolve_metadata
 
-    config = Path(run_dir) / "config.yaml"
-    listed = (yaml.safe_load(config.read_text()) or {}).get("eval", {}).get("datasets", [])
-    for entry in listed:
-        found = [path for path in _look_up(Path(entry).expanduser()) if path.is_dir()]
-        kind = formats.read_dataset_type(found[0]) if found else None
+    listed = run_eval_folders(run_dir)
+    for folder in listed.values():
+        kind = formats.read_dataset_type(folder) if folder is not None else None
         if kind not in kinds:
             continue
-        evalset = open_eval_set(found[0])
+        evalset = open_eval_set(folder)
         samples = evalset.samples[:limit]
         images = [np.asarray(read_image(sample)) for sample in samples]
         if kind == formats.RETRIEVAL:
-            return RunSet(evalset.name, found[0], images, captions=[sample.captions for sample in samples])
-        metadata = resolve_metadata(evalset.name, evalset.classnames, evalset.templates, source=str(found[0]))
-        return RunSet(evalset.name, found[0], images, np.array([sample.label for sample in samples]),
+            return RunSet(evalset.name, folder, images, captions=[sample.captions for sample in samples])
+        metadata = resolve_metadata(evalset.name, evalset.classnames, evalset.templates, source=str(folder))
+        return RunSet(evalset.name, folder, images, np.array([sample.label for sample in samples]),
                       metadata.classnames, metadata.templates)
-    raise FileNotFoundError(f"{config}: no {' or '.join(kinds)} set found among eval.datasets {listed}; "
+    config = Path(run_dir) / "config.yaml"
+    raise FileNotFoundError(f"{config}: no {' or '.join(kinds)} set found among eval.datasets {list(listed)}; "
                             "evaluate the run on one (eval.datasets) to look at it here")
 
 

@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..fileio import write_text_atomic
-from .analysis import FINAL_MODEL, _look_up, head_dependence
+from .analysis import FINAL_MODEL, head_dependence, run_eval_folders
 
 HEAD_DEPENDENCE = "head_dependence"
 CACHE_FILE = "head_dependence.json"
@@ -56,16 +55,13 @@ def pooled_head_dependence(model: torch.nn.Module, batch: torch.Tensor) -> float
 
 
 def _eval_sets(run_dir: Path) -> list[Path]:
-    """The image sets of the run's ``eval.datasets`` (relative paths looked up as the notebooks do)."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    found = []
-    for entry in config.get("eval", {}).get("datasets", []):
-        folders = [path for path in _look_up(Path(entry).expanduser()) if path.is_dir()]
-        if not folders:
-            raise FileNotFoundError(f"{run_dir / 'config.yaml'}: eval set {entry!r} not found from "
-                                    f"{Path.cwd()}: run the summary from the folder the ablation ran in")
-        found.append(folders[0])
-    return found
+    """The image sets of the run's ``eval.datasets``; a set not found is an error, since its value would be missing."""
+    folders = run_eval_folders(run_dir)
+    missing = [entry for entry, folder in folders.items() if folder is None]
+    if missing:
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: eval set {missing[0]!r} not found from "
+                                f"{Path.cwd()}: run the summary from the folder the ablation ran in")
+    return [folder for folder in folders.values() if folder is not None]
 
 
 def run_head_dependence(run_dir: Path) -> dict[str, float]:
