@@ -141,6 +141,49 @@ def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
         write_summary(runs, tmp_path, metrics=["acc5"])
 
 
+def test_columns_go_set_by_set_with_metrics_in_the_order_asked() -> None:
+    from mmggem.experiments.summary import summary_columns
+
+    logged = {f"eval/test/image_retrieval_recall@{k}": 0.1 for k in (10, 5, 1)}
+    logged |= {"eval/keywords/acc1": 0.2, "eval/test/loss": 1.0}
+    asked = ["image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10", "acc1"]
+    assert summary_columns([logged], asked) == [
+        "eval/keywords/acc1", *(f"eval/test/image_retrieval_recall@{k}" for k in (1, 5, 10))]
+
+
+def test_report_tabulates_the_finished_runs_and_names_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "ablation"
+    finished_run(out, "gem", 0, 0.20, (3.5,))
+    finished_run(out, "gem", 1, 0.30, (3.6,))
+    finished_run(out, "ggem", 0, 0.25, (3.2, 2.8))
+    (out / "ggem" / "seed_1" / "checkpoints").mkdir(parents=True)  # cut short
+
+    def report(*args: str) -> subprocess.CompletedProcess:
+        return run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--report", "--seeds", "2",
+                       "--output-dir", str(out), "--metrics", "text_retrieval_recall@1", *args)
+
+    result = report("--poolings", "gem,ggem", "--baseline", "gem")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    markdown = (out / "ablation.md").read_text()
+    assert markdown.startswith("**Interim: 3 of 4 planned runs finished; not yet ggem seed 1. ")
+    assert "| gem | 25.00 ± 7.07 (n=2) |" in markdown and "| ggem | 25.00 ± 0.00 (n=1) |" in markdown
+    assert "| ggem | +5.00 (n=1, no interval) |" in markdown  # paired on seed 0, the one pair there is
+    assert not (out / "ggem" / "seed_1" / "results.jsonl").exists()  # --report trains nothing
+    assert (out / "ablation_p.png").is_file() and markdown in result.stdout
+    # once every planned run has finished, the same command writes whole tables
+    (out / "ggem" / "seed_1" / "checkpoints").rmdir()
+    finished_run(out, "ggem", 1, 0.40, (3.1, 2.9))
+    assert report("--poolings", "gem,ggem", "--baseline", "gem").returncode == 0
+    markdown = (out / "ablation.md").read_text()
+    assert "Interim" not in markdown and "| ggem | +7.50 [-24.27, +39.27] (n=2) |" in markdown
+    # a baseline with no finished run, and an ablation with none at all, are refused by name
+    result = report("--poolings", "gem,ggem,avg", "--baseline", "avg")
+    assert result.returncode == 1 and "baseline avg has no finished run" in result.stderr
+    result = report("--poolings", "avg")
+    assert result.returncode == 1 and f"no run under {out} has finished yet" in result.stderr
+    assert run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--report", "--dry-run").returncode == 2
+
+
 def test_ablation_refuses_unknown_poolings_bad_variants_and_baselines(tmp_path: Path) -> None:
     def ablate(*args: str) -> subprocess.CompletedProcess:
         return run_cli("ablate", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(tmp_path), *args)

@@ -5,10 +5,14 @@ import argparse
 import functools
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import UsageError, UserError
 from ..experiments.summary import SUMMARY_METRICS
 from ..model.pooling import POOLER_NAMES
+
+if TYPE_CHECKING:
+    from ..experiments.ablation import AblationRun
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="metric names to tabulate, for every evaluation set that reports them; "
                              "head_dependence adds the head-wise dependence of each run's pooled features on "
                              "every evaluation set (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config and every arm's overrides, print the planned runs (arm, seed, "
-                             "folder, finished, resumable or new) and exit without training")
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument("--dry-run", action="store_true",
+                       help="check the config and every arm's overrides, print the planned runs (arm, seed, "
+                            "folder, finished, resumable or new) and exit without training")
+    stage.add_argument("--report", action="store_true",
+                       help="train nothing: write the tables from the runs finished so far, an interim look at a "
+                            "long ablation (the tables then say how many runs they cover and name the others)")
     parser.set_defaults(func=run)
 
 
@@ -48,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config.run import load_config
     from ..experiments.ablation import parse_arms, plan_runs, run_all
-    from ..experiments.summary import write_summary
 
     if args.seeds < 1 or args.parallel < 1:
         raise UsageError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
@@ -63,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     for arm in arms:  # a typo in a variant's overrides fails now, not after hours of the other arms
         load_config(args.config, [*args.overrides, *arm.run_overrides])
     runs = plan_runs(args.output_dir, arms, args.seeds)
+    if args.report:
+        return _write_tables(runs, args.output_dir, baselines, metrics)
     if args.dry_run:
         from ..experiments.ablation import describe_ablation
         from ..train.dry_run import report
@@ -80,8 +89,18 @@ def run(args: argparse.Namespace) -> int:
         print("mmggem ablate: unfinished runs (see their train.log): "
               + ", ".join(str(run.output_dir) for run in missing), file=sys.stderr)
         return 1
-    write_summary(runs, args.output_dir, baselines, metrics)
-    print((args.output_dir / "ablation.md").read_text())
-    written = [args.output_dir / name for name in ("ablation.md", "ablation.csv", "ablation.png", "ablation_p.png")]
+    return _write_tables(runs, args.output_dir, baselines, metrics)
+
+
+def _write_tables(runs: list["AblationRun"], out: Path, baselines: list[str], metrics: list[str]) -> int:
+    """Tabulate the finished ones of ``runs`` into OUT/ablation.{md,csv,png} (and ablation_p.png), and print."""
+    from ..experiments.summary import write_summary
+
+    finished = [run for run in runs if run.finished]
+    if not finished:
+        raise UserError(f"no run under {out} has finished yet: nothing to tabulate")
+    write_summary(finished, out, baselines, metrics, missing=[run for run in runs if not run.finished])
+    print((out / "ablation.md").read_text())
+    written = [out / name for name in ("ablation.md", "ablation.csv", "ablation.png", "ablation_p.png")]
     print("wrote " + ", ".join(str(path) for path in written if path.is_file()))
     return 0

@@ -42,7 +42,15 @@ def final_metrics(run: AblationRun, probes: Sequence[str] = ()) -> dict[str, flo
 
 
 def summary_columns(metrics: list[dict[str, float]], names: Sequence[str] = SUMMARY_METRICS) -> list[str]:
-    keys = sorted({key for m in metrics for key in m if key.rsplit("/", 1)[-1] in names})
+    """The ``eval/<set>/<metric>`` columns to tabulate: set by set, each set's metrics in the order asked
+    for (so R@1, R@5, R@10 read left to right)."""
+    order = list(names)
+
+    def place(key: str) -> tuple[str, int]:
+        evalset, metric = key.removeprefix("eval/").rsplit("/", 1)
+        return evalset, order.index(metric)
+
+    keys = sorted({key for m in metrics for key in m if key.rsplit("/", 1)[-1] in names}, key=place)
     if not keys:
         raise UserError(f"no run logged any of the metrics {', '.join(names)}: set eval.datasets in the config, "
                         "or name metrics the evaluation reports")
@@ -62,6 +70,9 @@ class Summary:
 
 def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
               metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
+    unrun = [base for base in baselines if base not in {run.name for run in runs}]
+    if unrun:
+        raise UserError(f"baseline {', '.join(unrun)} has no finished run to compare with")
     per_run = {run: final_metrics(run, metrics) for run in runs}
     columns = summary_columns(list(per_run.values()), metrics)
     rows: dict[str, dict[str, tuple[float, float, int]]] = {}
@@ -95,10 +106,19 @@ def _label(column: str) -> str:
     return column.removeprefix("eval/")
 
 
-def write_markdown(summary: Summary, path: Path) -> None:
+def interim_note(summarised: int, missing: Sequence[AblationRun]) -> str:
+    """The line that marks tables of a part-finished ablation as such ('' when every planned run finished)."""
+    if not missing:
+        return ""
+    named = ", ".join(f"{run.name} seed {run.seed}" for run in missing)
+    return (f"Interim: {summarised} of {summarised + len(missing)} planned runs finished; not yet {named}. "
+            "Every value below covers the finished runs only.")
+
+
+def write_markdown(summary: Summary, path: Path, interim: str = "") -> None:
     header = "| pooling | " + " | ".join(_label(c) for c in summary.columns) + " |"
     rule = "|" + " --- |" * (len(summary.columns) + 1)
-    lines = [header, rule]
+    lines = [f"**{interim}**", "", header, rule] if interim else [header, rule]
     for arm, cells in summary.rows.items():
         values = [f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" for m, s, n in (cells[c] for c in summary.columns)]
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
@@ -146,8 +166,9 @@ def write_csv(summary: Summary, path: Path) -> None:
                     writer.writerow([arm, _label(column), f"{mean:.6f}", f"{std:.6f}", n, *paired])
 
 
-def write_plot(summary: Summary, path: Path) -> None:
-    """Means with their seed spread on the first row; below, one row of paired differences per baseline."""
+def write_plot(summary: Summary, path: Path, interim: str = "") -> None:
+    """Means with their seed spread on the first row; below, one row of paired differences per baseline;
+    an interim ablation's figure carries its note as the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,6 +188,8 @@ def write_plot(summary: Summary, path: Path) -> None:
     for row, (baseline, differences) in enumerate(summary.differences.items(), start=1):
         for ax, column in zip(axes[row], summary.columns):
             _plot_differences(ax, differences, baseline, column)
+    if interim:
+        fig.suptitle(interim.split(";")[0], fontsize=10, color="C3")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -212,16 +235,19 @@ def write_exponent_plot(summary: Summary, path: Path) -> None:
 
 
 def write_summary(runs: list[AblationRun], out: Path, baselines: Sequence[str] = (),
-                  metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
+                  metrics: Sequence[str] = SUMMARY_METRICS, missing: Sequence[AblationRun] = ()) -> Summary:
     """Write OUT/ablation.md, OUT/ablation.csv and OUT/ablation.png (and OUT/ablation_p.png when an arm
-    learns exponents); return the summary.
+    learns exponents) from the finished ``runs``; return the summary.
 
     With ``baselines`` (names of the runs' arms), each also reports the paired differences to every one.
+    ``missing`` are planned runs not finished yet: the Markdown and the figure then say the tables are
+    interim and name them (the CSV's ``seeds`` and ``paired_seeds`` count what each row covers).
     """
     summary = summarise(runs, baselines, metrics)
-    write_markdown(summary, out / "ablation.md")
+    interim = interim_note(len(runs), missing)
+    write_markdown(summary, out / "ablation.md", interim)
     write_csv(summary, out / "ablation.csv")
-    write_plot(summary, out / "ablation.png")
+    write_plot(summary, out / "ablation.png", interim)
     if summary.exponents:
         write_exponent_plot(summary, out / "ablation_p.png")
     return summary
