@@ -69,7 +69,10 @@ def test_save_replaces_an_existing_model(tmp_path: Path) -> None:
 def test_load_reports_missing_or_foreign_folders(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
         mmggem.load(tmp_path)
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_cfg": {}}))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {}}))  # open_clip's own
+    with pytest.raises(ValueError, match="plain open_clip model .* pretrained=WEIGHTS"):
+        mmggem.load(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"mmggem": {}}))
     with pytest.raises(ValueError, match="not written by mmggem.save_model"):
         mmggem.load(tmp_path)
 

@@ -336,6 +336,12 @@ def read_spec(path: str | Path) -> ModelSpec:
     if not config_file.is_file():
         raise MissingPathError(f"not an mmggem model folder: {config_file} is missing")
     config = json.loads(config_file.read_text())
+    if "model_cfg" in config and "mmggem" not in config:
+        raise UserError(f"{config_file} is a plain open_clip model (no 'mmggem' section), not one written by "
+                        "mmggem.save_model: start from its weights with mmggem.create_model(ARCHITECTURE, "
+                        "pooling=..., pretrained=WEIGHTS), WEIGHTS its weights file or hf-hub: name, or "
+                        "evaluate it as it is with `mmggem eval zeroshot --checkpoint open_clip:ARCHITECTURE "
+                        "--pretrained WEIGHTS`")
     if "mmggem" not in config or "model_cfg" not in config:
         raise UserError(f"{config_file} has no 'mmggem' and 'model_cfg' sections: not written by mmggem.save_model")
     section = config["mmggem"]
