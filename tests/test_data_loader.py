@@ -153,16 +153,24 @@ def test_too_few_shards_for_epoch_mode_suggests_resampled_mode(tmp_path: Path) -
     assert make_loader(spec, num_workers=2, world_size=2, rank=1, resampled=True).batches_per_epoch == 3
 
 
-def test_sample_count_comes_from_sizes_json_or_must_be_given(tmp_path: Path) -> None:
+def test_sample_count_comes_from_sizes_json_or_img2dataset_stats_or_must_be_given(tmp_path: Path) -> None:
     caption_shards(tmp_path / "a", [5, 7])
     caption_shards(tmp_path / "b", [9], start=100, sizes_json=False)
     assert make_loader(str(tmp_path / "a/{00000..00001}.tar")).num_samples == 12
     assert make_loader(str(tmp_path / "a/00001.tar")).num_samples == 7
     assert make_loader(str(tmp_path / "a/*.tar")).num_samples == 12
-    with pytest.raises(ValueError, match=r"no sizes.json in .*b; set .* data.num_samples .*data.num_samples=N\)"):
-        make_loader(f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/b/00000.tar")
     both = f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/b/00000.tar"
+    with pytest.raises(ValueError, match=r"no sizes.json in .*b and no img2dataset 00000_stats.json beside "
+                                         r"00000.tar; set .* data.num_samples .*data.num_samples=N\)"):
+        make_loader(both)
     assert make_loader(both, num_samples=21).batches_per_epoch == 5
+    # img2dataset writes no sizes.json but a stats file per shard: 'successes' is what the tar holds
+    stats = tmp_path / "b" / "00000_stats.json"
+    stats.write_text(json.dumps({"count": 10, "successes": 9, "failed_to_download": 1, "failed_to_resize": 0}))
+    assert make_loader(both).num_samples == 12 + 9
+    stats.write_text(json.dumps({"count": 10}))
+    with pytest.raises(ValueError, match=r"00000_stats.json: expected img2dataset's JSON with an integer 'successes'"):
+        make_loader(both)
 
 
 def test_weights_parse_and_steer_resampling(tmp_path: Path) -> None:

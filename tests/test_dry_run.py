@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, ok, run_cli
+from data_fixtures import caption_shards
 from mmggem.cli import main as cli_main
 from mmggem.config.run import load_config, to_dict
 
@@ -43,7 +44,7 @@ def test_train_dry_run_describes_the_run_in_seconds_and_writes_nothing(train_sha
     for expected in ("processes: 4 (cpu; WORLD_SIZE of the launcher, 1 without one)",
                      "precision: bf16 (bf16 autocast; set by the launcher)",
                      "steps: 7", "batch: 8 per process, 32 global", "samples: 224 (steps x global batch)",
-                     f"  {train_shards}: 4 shard(s)", "samples per epoch: 160 (sizes.json beside the shards)",
+                     f"  {train_shards}: 4 shard(s)", "samples per epoch: 160 (counted from the sizes.json or img2dataset stats beside the shards)",
                      f"  {tmp_path / 'no_such_set'}: not found",
                      "resume: no (train.resume is empty): starts at step 0"):
         assert expected in lines, described
@@ -67,6 +68,18 @@ def test_missing_shards_are_reported_not_refused(capsys: pytest.CaptureFixture, 
     assert f"  {pattern}: 332 shard(s) named, not usable now: shard pattern {pattern!r} matches no file" in out
     assert "samples per epoch: unknown until the shards are there" in out
     assert "a real run would stop on 1 problem(s) as things stand:" in out
+
+
+def test_shards_of_unknown_size_are_a_problem_the_run_would_stop_on(capsys: pytest.CaptureFixture,
+                                                                   tmp_path: Path) -> None:
+    caption_shards(tmp_path / "shards", [3, 4], sizes_json=False)  # as img2dataset leaves them, less its stats
+    args = ["train", DEMO_CONFIG, f"data.train={tmp_path / 'shards' / '{00000..00001}.tar'}",
+            f"output_dir={tmp_path / 'run'}", "eval.datasets=[]"]
+    code, out, _ = dry_run(capsys, *args)
+    assert code == 0 and "a real run would stop on 1 problem(s) as things stand:" in out
+    assert "no sizes.json in" in out and "data.num_samples=N" in out
+    _, out, _ = dry_run(capsys, *args, "data.num_samples=7")
+    assert "samples per epoch: 7 (data.num_samples)" in out and "problem" not in out
 
 
 def test_the_dry_run_says_from_which_checkpoint_a_run_would_resume(capsys: pytest.CaptureFixture,

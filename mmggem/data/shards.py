@@ -9,11 +9,13 @@ optional sampling weight as a ``@WEIGHT`` suffix::
 A weight is an upsampling factor, as open_clip's ``--train-data-upsampling-factors``: each shard of
 that source is drawn WEIGHT times as often as a shard of weight 1 (weights need resampled mode). A
 local pattern that matches no file is a UserError. The sample count of local shards comes from the
-``sizes.json`` beside them (:func:`count_samples`).
+``sizes.json`` beside them (as ``mmggem data`` and open_clip's tools write it), else from the
+``NNNNN_stats.json`` that img2dataset writes beside each shard (:func:`count_samples`).
 """
 from __future__ import annotations
 
 import glob
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,19 +78,34 @@ def _expand(pattern: str) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int:
-    """Total sample count of local shards from the ``sizes.json`` beside them; UserError when unknown."""
+    """Total sample count of local shards: from the ``sizes.json`` beside them, else from img2dataset's
+    per-shard ``<shard>_stats.json`` (its ``successes``: the samples it wrote); UserError when unknown."""
     total = 0
     sizes_by_dir: dict[Path, dict[str, int] | None] = {}
     for url in urls:
         if is_remote(url):
             raise UserError(f"cannot count the samples of remote shard {url}; {_NUM_SAMPLES_HINT}")
-        directory = Path(url).parent
-        if directory not in sizes_by_dir:
-            sizes_by_dir[directory] = formats.read_sizes(directory)
-        sizes = sizes_by_dir[directory]
+        shard = Path(url)
+        if shard.parent not in sizes_by_dir:
+            sizes_by_dir[shard.parent] = formats.read_sizes(shard.parent)
+        sizes = sizes_by_dir[shard.parent]
         if sizes is None:
-            raise UserError(f"no {formats.SIZES_FILE} in {directory}; {_NUM_SAMPLES_HINT}")
-        if Path(url).name not in sizes:
-            raise UserError(f"{directory / formats.SIZES_FILE} has no entry for {Path(url).name}; {_NUM_SAMPLES_HINT}")
-        total += sizes[Path(url).name]
+            total += _img2dataset_count(shard)
+        elif shard.name in sizes:
+            total += sizes[shard.name]
+        else:
+            raise UserError(f"{shard.parent / formats.SIZES_FILE} has no entry for {shard.name}; {_NUM_SAMPLES_HINT}")
     return total
+
+
+def _img2dataset_count(shard: Path) -> int:
+    """The ``successes`` of the ``<shard>_stats.json`` img2dataset wrote beside ``shard``."""
+    stats = shard.with_name(f"{shard.name.removesuffix('.tar')}_stats.json")
+    if not stats.is_file():
+        raise UserError(f"no {formats.SIZES_FILE} in {shard.parent} and no img2dataset {stats.name} beside "
+                        f"{shard.name}; {_NUM_SAMPLES_HINT}")
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{stats}: expected img2dataset's JSON with an integer 'successes' ({error!r}); "
+                        f"{_NUM_SAMPLES_HINT}") from error

@@ -113,7 +113,7 @@ def describe_data(cfg: RunConfig, problems: list[str]) -> list[str]:
         urls.extend(parsed.urls)
         weight = "" if parsed.weight == 1 else f", weight {parsed.weight:g}"
         lines.append(f"  {source}: {len(parsed.urls)} shard(s){weight}")
-    lines.append(f"samples per epoch: {_epoch_size(cfg, urls if usable else None)}")
+    lines.append(f"samples per epoch: {_epoch_size(cfg, urls if usable else None, problems)}")
     return lines + _eval_lines(cfg, problems)
 
 
@@ -130,15 +130,17 @@ def _eval_lines(cfg: RunConfig, problems: list[str]) -> list[str]:
     return lines
 
 
-def _epoch_size(cfg: RunConfig, urls: list[str] | None) -> str:
-    """``data.num_samples``, else the total of the sizes.json beside the shards ``urls`` (None: not all there)."""
+def _epoch_size(cfg: RunConfig, urls: list[str] | None, problems: list[str]) -> str:
+    """``data.num_samples``, else the count the loader would take from beside the shards ``urls`` (None:
+    not all there); a count the loader could not take is a problem, since the run would stop on it."""
     if cfg.data.num_samples is not None:
         return f"{cfg.data.num_samples:,} (data.num_samples)"
     if urls is None:
         return "unknown until the shards are there"
     try:
-        return f"{count_samples(urls):,} (sizes.json beside the shards)"
+        return f"{count_samples(urls):,} (counted from the sizes.json or img2dataset stats beside the shards)"
     except UserError as error:
+        problems.append(str(error))
         return f"unknown: {error}"
 
 
