@@ -35,9 +35,8 @@ def test_open_clip_checkpoint_in_fp32_by_default_on_a_cpu_and_with_autocast_when
     """On a CPU the default is fp32 (CLIP_benchmark with --no_amp); --amp gives CLIP_benchmark's default (bf16)."""
     weights, model, preprocess, tokenizer = open_clip_checkpoint
     root = classification_set(tmp_path / "shapes", n=21, seed=21)
-    (tmp_path / "results").mkdir()
     code = cli_main(["eval", "zeroshot", "--checkpoint", f"open_clip:{NAME}", "--pretrained", str(weights),
-                     "--dataset", str(root), "--output", str(tmp_path / "results"), "--batch-size", "8",
+                     "--dataset", str(root), "--output", f"{tmp_path / 'results'}/", "--batch-size", "8",
                      "--num-workers", "1", "--quiet"])
     assert code == 0
     path = tmp_path / "results" / f"shapes_tiny.pt_{NAME}_en_zeroshot_classification.json"  # CLIP_benchmark's naming

@@ -20,6 +20,7 @@ process writes and prints.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--dataset", required=True, nargs="+", metavar="DIR", help="CLIP_benchmark-layout set folder(s)")
         sub.add_argument("--output", default=DEFAULT_OUTPUT_PATTERN,
                          help="result JSON file, pattern with {dataset} {model} {pretrained} {task} {language}, "
-                              "or an existing folder (default: %(default)s)")
+                              "or a folder (one that exists, or a path ending in /) (default: %(default)s)")
         sub.add_argument("--batch-size", type=int, default=64)
         sub.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
         sub.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -87,9 +88,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_dataset
     from ..evaluate.results import format_tables, write_json
 
-    if args.all_checkpoints and not Path(args.output).is_dir() and "{pretrained}" not in args.output:
+    if args.all_checkpoints and not names_folder(args.output) and "{pretrained}" not in args.output:
         raise UsageError(f"--output {args.output!r} would give every checkpoint the same file; "
-                         "put {pretrained} in it or give an existing folder")
+                         "put {pretrained} in it or give a folder (ending in /)")
     accelerator = Accelerator()
     for index, loaded in enumerate(_models(args)):
         outputs = _output_files(args, loaded)
@@ -128,17 +129,23 @@ def _models(args: argparse.Namespace) -> Iterator["LoadedModel"]:
         yield load_run_model(source)
 
 
+def names_folder(output: str) -> bool:
+    """Whether ``--output`` names a folder: one that exists, or a path ending in a separator (made when
+    the first result is written), as ``results/`` reads to anyone."""
+    return Path(output).is_dir() or output.endswith(("/", os.sep))
+
+
 def _output_files(args: argparse.Namespace, loaded: "LoadedModel") -> list[Path]:
     """One output path per dataset, checked before any work: distinct, never one file for several sets, and
     never a file that holds another model's result."""
     from ..evaluate.results import output_path, refuse_other_model
 
     pattern = args.output
-    if Path(pattern).is_dir():
+    if names_folder(pattern):
         pattern = str(Path(pattern) / DEFAULT_OUTPUT_PATTERN)
     elif len(args.dataset) > 1 and "{dataset}" not in pattern:
         raise UsageError(f"--output {args.output!r} names one file for {len(args.dataset)} datasets; "
-                         "put {dataset} in it or give an existing folder")
+                         "put {dataset} in it or give a folder (ending in /)")
     paths = [
         output_path(pattern, {"dataset": Path(d).resolve().name, "model": loaded.model_name,
                               "pretrained": loaded.label, "task": args.task, "language": args.language})
