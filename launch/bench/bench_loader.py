@@ -8,7 +8,7 @@ timed loop), where open_clip's workers hand over normalised float32 batches. Eac
 own process, one after the other, and reports samples/s over ``--batches`` batches after ``--warmup``
 batches (the warm-up covers worker start and the shuffle buffer filling). open_clip_train needs
 webdataset 0.2.86 and pandas, so its side runs under ``--peer-python``, the python of its own
-virtual environment (the README's Benchmarks section says how to make it). This same file is the
+virtual environment (docs/benchmarks.md, "The peers' environments", says how to make it). This same file is the
 peer's entry point (``--side open_clip``); that side imports nothing from mmggem or benchlib.
 
     python launch/bench/bench_loader.py --peer-python PEER_VENV/bin/python
@@ -35,7 +35,7 @@ SHUFFLE_BUFFER = 5000  # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFL
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python",
-                        help="python of the open_clip_train environment (see the README's Benchmarks section)")
+                        help="python of the open_clip_train environment (see docs/benchmarks.md, "The peers' environments")")
     parser.add_argument("--shards", help="shard spec to read (default: synthetic shards made first)")
     parser.add_argument("--num-samples", type=int, help="samples in --shards when there is no sizes.json")
     parser.add_argument("--image-size", type=int, default=224, help="transform output size (default: 224)")

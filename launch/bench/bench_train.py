@@ -12,7 +12,7 @@ steps, so start-up, the shuffle buffer filling and mmggem's final checkpoint and
 out. Beside samples/s it prints model FLOPs utilisation (``bench_mfu.py`` says how it is counted).
 
 open_clip_train needs webdataset 0.2.86 and pandas, so it runs under ``--peer-python``, the python of
-its own virtual environment (the README's Benchmarks section says how to make it); the model's
+its own virtual environment (docs/benchmarks.md, "The peers' environments", says how to make it); the model's
 open_clip JSON (mmggem's own, or open_clip's, such as ViT-B-16) is written out and registered with it
 first.
 
@@ -45,7 +45,7 @@ OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}  # --precision as ope
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", required=True,
-                        help="python of the open_clip_train environment (see the README's Benchmarks section)")
+                        help="python of the open_clip_train environment (see docs/benchmarks.md, "The peers' environments")")
     add_run_arguments(parser)
     return check_run_arguments(parser, parser.parse_args(argv))
 

@@ -1,8 +1,8 @@
 """What the benchmark scripts of launch/ share: synthetic shards, trainer runs and their logs, timing, printing.
 
 Each ``bench_*.py`` is one benchmark and imports this file from beside it. Peer tools (open_clip_train)
-run under ``--peer-python``, the python of their own virtual environment; the README's Benchmarks
-section says how to make it.
+run under ``--peer-python``, the python of their own virtual environment; docs/benchmarks.md, "The
+peers' environments", says how to make it.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ folder must hold exactly the files it lists, with those sizes and hashes; a file
 cut short, overwritten, missing, added or copied from another checkpoint is named
 in one line. A full hash rather than a sample of each file: it also catches damage
 in the middle of a large file, and costs a few seconds for a ViT-B/16-size
-checkpoint (1.8 GB; measured in the README, "Checkpoints you can trust"). The
+checkpoint (1.8 GB; measured in docs/benchmarks.md, "Checkpoint manifest"). The
 files are hashed on threads, since hashlib releases the GIL while it hashes.
 """
 from __future__ import annotations
