@@ -35,7 +35,7 @@ SHUFFLE_BUFFER = 5000  # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFL
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python",
-                        help="python of the open_clip_train environment (see docs/benchmarks.md, "The peers' environments")")
+                        help="python of the open_clip_train environment (see docs/benchmarks.md, \"The peers' environments\")")
     parser.add_argument("--shards", help="shard spec to read (default: synthetic shards made first)")
     parser.add_argument("--num-samples", type=int, help="samples in --shards when there is no sizes.json")
     parser.add_argument("--image-size", type=int, default=224, help="transform output size (default: 224)")

@@ -45,7 +45,7 @@ OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}  # --precision as ope
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", required=True,
-                        help="python of the open_clip_train environment (see docs/benchmarks.md, "The peers' environments")")
+                        help="python of the open_clip_train environment (see docs/benchmarks.md, \"The peers' environments\")")
     add_run_arguments(parser)
     return check_run_arguments(parser, parser.parse_args(argv))
 
