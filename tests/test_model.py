@@ -75,6 +75,12 @@ def test_load_reports_missing_or_foreign_folders(tmp_path: Path) -> None:
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"mmggem": {}}))
     with pytest.raises(ValueError, match="not written by mmggem.save_model"):
         mmggem.load(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"mmggem": ')  # cut short
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: not readable JSON"):
+        mmggem.load(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("[]")
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: holds a JSON list"):
+        mmggem.load(tmp_path)
 
 
 def open_clip_twin(pool_type: str, final_ln_after_pool: bool = False) -> torch.nn.Module:

@@ -335,7 +335,12 @@ def read_spec(path: str | Path) -> ModelSpec:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise MissingPathError(f"not an mmggem model folder: {config_file} is missing")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{config_file}: not readable JSON ({error}); save_model writes it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: holds a JSON {type(config).__name__}, not an object")
     if "model_cfg" in config and "mmggem" not in config:
         raise UserError(f"{config_file} is a plain open_clip model (no 'mmggem' section), not one written by "
                         "mmggem.save_model: start from its weights with mmggem.create_model(ARCHITECTURE, "

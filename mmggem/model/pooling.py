@@ -283,8 +283,8 @@ def build_pooler(name: str, dim: int, heads: int, **kwargs: Any) -> nn.Module:
 
     ``heads`` is the number of attention heads of the tower: GGeM's default
     group count and the attention pooler's default head count. ``kwargs`` go to
-    the pooler (``groups``, ``p_init``, ``eps`` for ggem; ``p_init``, ``eps``
-    for gem; ``mlp_ratio`` for attn).
+    the pooler (``groups``, ``p_init``, ``eps``, ``negatives`` for ggem; ``p_init``,
+    ``eps``, ``negatives`` for gem; ``mlp_ratio`` for attn; none for cls, avg and max).
     """
     if name not in _BUILDERS:
         raise UserError(f"unknown pooling {name!r}; valid choices: {', '.join(POOLER_NAMES)}")
