@@ -173,6 +173,19 @@ def test_sample_count_comes_from_sizes_json_or_img2dataset_stats_or_must_be_give
         make_loader(both)
 
 
+def test_a_damaged_sizes_json_is_named(tmp_path: Path) -> None:
+    caption_shards(tmp_path, [5])
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text('{"00000.tar": ')  # cut short
+    with pytest.raises(ValueError, match=r"sizes.json: not readable JSON .*expected a JSON object"):
+        make_loader(str(tmp_path / "00000.tar"))
+    sizes.write_text(json.dumps({"00000.tar": "five"}))
+    with pytest.raises(ValueError, match=r"sizes.json: the sample count of '00000.tar' is 'five', not an integer"):
+        make_loader(str(tmp_path / "00000.tar"))
+    sizes.write_text(json.dumps({"00000.tar": "5"}))  # open_clip reads counts with int() too
+    assert make_loader(str(tmp_path / "00000.tar")).num_samples == 5
+
+
 def test_weights_parse_and_steer_resampling(tmp_path: Path) -> None:
     caption_shards(tmp_path / "a", [8])
     caption_shards(tmp_path / "b", [8], start=100)

@@ -259,7 +259,8 @@ def build_asset(source_dir: str | os.PathLike, out: str | os.PathLike = ASSET,
     for c in range(len(CLASSNAMES)):
         index = np.flatnonzero(labels == c)
         if len(index) < train_per_class + test_per_class:
-            raise ValueError(f"class {c} has {len(index)} images, fewer than {train_per_class + test_per_class}")
+            raise ValueError(f"{source_dir}: class {c} ({CLASSNAMES[c]}) has {len(index)} images, fewer than "
+                             f"{train_per_class + test_per_class} (train_per_class + test_per_class)")
         train_index.append(index[:train_per_class])
         test_index.append(index[train_per_class:train_per_class + test_per_class])
     train_index, test_index = np.sort(np.concatenate(train_index)), np.sort(np.concatenate(test_index))

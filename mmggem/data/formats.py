@@ -176,8 +176,17 @@ def read_sizes(directory: str | os.PathLike) -> dict[str, int] | None:
     path = Path(directory) / SIZES_FILE
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        sizes = json.load(f)
+    expected = 'a JSON object mapping shard file name to sample count, e.g. {"00000.tar": 10000}'
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not readable JSON ({error}); expected {expected}") from None
     if not isinstance(sizes, dict):
-        raise UserError(f"{path}: expected a JSON object mapping shard file name to sample count")
-    return {str(name): int(count) for name, count in sizes.items()}
+        raise UserError(f"{path}: expected {expected}")
+    counts = {}
+    for name, count in sizes.items():
+        try:  # int() as open_clip reads it, so "1000" is a count too
+            counts[str(name)] = int(count)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: the sample count of {name!r} is {count!r}, not an integer") from None
+    return counts
