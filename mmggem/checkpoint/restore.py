@@ -35,6 +35,8 @@ _TORCH_SUFFIXES = (".bin", ".pt", ".pkl")
 
 
 def one_line(error: BaseException) -> str:
+    """``error`` as one line for a message: its type and first non-empty line (for torch's refused
+    unpickling, just the global it refused, without the long advice after it)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     refusal = [line.split(" was not an allowed global")[0] for line in lines if "Unsupported global" in line]
     return f"{type(error).__name__}: {(refusal or lines or [''])[0]}"

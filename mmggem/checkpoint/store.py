@@ -41,6 +41,7 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
+    """The folder of a run's checkpoints, ``OUTPUT_DIR/checkpoints``."""
     return Path(output_dir) / CHECKPOINTS
 
 

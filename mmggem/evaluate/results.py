@@ -158,6 +158,7 @@ def _task_columns(task: str, records: list[dict[str, Any]]) -> tuple[str, list[t
 
 
 def percent(value: Any) -> str:
+    """A fraction as a table cell in percent with one decimal, ``-`` for a missing or non-finite value."""
     return f"{100 * value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 

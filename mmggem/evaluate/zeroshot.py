@@ -33,7 +33,7 @@ LOGIT_SCALE = 100.0
 
 
 def check_labels(samples: Sequence[Sample], metadata: ClassMetadata) -> None:
-    """Raise ValueError naming the first sample whose label is not an index into the class names."""
+    """Raise :class:`UserError` naming the first sample whose label is not an index into the class names."""
     num_classes = len(metadata.classnames)
     for sample in samples:
         if not 0 <= sample.label < num_classes:

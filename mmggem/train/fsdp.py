@@ -41,6 +41,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:
+    """Whether ``accelerator`` shards the model with FSDP (its parameters are then DTensors)."""
     return accelerator.distributed_type == DistributedType.FSDP
 
 

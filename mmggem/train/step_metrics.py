@@ -52,6 +52,10 @@ def step_metrics(model: torch.nn.Module, loss: torch.Tensor, grad_norm: torch.Te
 
 
 def skipped_samples(loader: TrainLoader, accelerator: Accelerator) -> int:
+    """Samples the loaders of all processes skipped so far, every reason (:mod:`mmggem.data.skips`) together.
+
+    Collective: every process must call it.
+    """
     count = torch.tensor([sum(loader.skipped().values())], device=accelerator.device)
     return int(accelerator.reduce(count, reduction="sum").item())
 
