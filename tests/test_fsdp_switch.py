@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pytest
+from accelerate.utils import DistributedType
 from conftest import cpu_env, free_port
+
+from mmggem.errors import UsageError
+from mmggem.train.fsdp import enable_fsdp_on_cpu
 
 WORKER = r"""
 import accelerate, torch
@@ -44,3 +50,11 @@ def test_the_cpu_fsdp_switch_still_makes_accelerate_shard_with_fsdp2() -> None:
     result = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded with FSDP2 on accelerate" in result.stdout
+
+
+def test_cpu_fsdp_names_the_version_it_cannot_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    accelerator = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no"))
+    with pytest.raises(UsageError, match=r"fsdp_version: 2 in the accelerate config \(FSDP_VERSION\), got 1"):
+        enable_fsdp_on_cpu(accelerator)

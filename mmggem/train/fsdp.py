@@ -28,6 +28,8 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
+from ..errors import UsageError
+
 __all__ = ["enable_fsdp_on_cpu", "full_tensor", "is_fsdp", "plain_model", "sharding_summary",
            "vectorize_scalar_parameters"]
 
@@ -60,7 +62,8 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
         return
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config")
+        raise UsageError(f"FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP_VERSION), "
+                         f"got {plugin.fsdp_version}")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
