@@ -115,6 +115,10 @@ def test_a_run_without_final_and_a_checkpoint_without_its_run_are_explained(
     assert evaluate(stray, zeroshot, tmp_path) == 1
     assert f"{stray} is a training checkpoint, but its run's {tmp_path.parent / 'config.yaml'} is missing" in \
         capsys.readouterr().err
+    damaged = unfinished / "checkpoints" / "step_00000002" / "trainer_state.json"
+    damaged.write_text('{"step": ')  # cut short
+    assert evaluate(damaged.parent, zeroshot, tmp_path) == 1
+    assert f"error: {damaged.resolve()}: not readable JSON" in capsys.readouterr().err
     assert evaluate(checkpointed_run, zeroshot, tmp_path / "one.json", "--all-checkpoints") == 2
     assert "would give every checkpoint the same file" in capsys.readouterr().err
     assert evaluate(f"{checkpointed_run}/final", zeroshot, tmp_path, "--all-checkpoints") == 1

@@ -15,7 +15,6 @@ evaluated directly and its export are the same model.
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from ..config.run import load_config
 from ..errors import MissingPathError, UserError
 from ..model.clip import get_tokenizer, image_transform, load
 from ..model.hub import CONFIG_FILE
-from .manifest import verify_manifest
+from .manifest import CheckpointDamaged, verify_manifest
+from .restore import read_json
 from .store import STATE_FILE, list_checkpoints, unverified_message
 
 RUN_CONFIG = "config.yaml"
@@ -92,8 +92,10 @@ def locate(path: str | Path, suggest_all_checkpoints: bool = True) -> ModelSourc
         if not (run_dir / RUN_CONFIG).is_file():
             raise UserError(f"{path} is a training checkpoint, but its run's {run_dir / RUN_CONFIG} is missing: "
                             "the run config says how to build the model")
-        step = json.loads((path / STATE_FILE).read_text())["step"]
-        return ModelSource(path, run_dir, int(step), is_checkpoint=True)
+        step = read_json(path / STATE_FILE).get("step")
+        if not isinstance(step, int):
+            raise CheckpointDamaged(f"{path / STATE_FILE}: 'step' is {step!r}, not the step number the trainer writes")
+        return ModelSource(path, run_dir, step, is_checkpoint=True)
     if (path / CONFIG_FILE).is_file():
         in_run = path.name == FINAL and (path.parent / RUN_CONFIG).is_file()
         return ModelSource(path, path.parent, _final_step(path.parent)) if in_run else ModelSource(path)
