@@ -97,6 +97,18 @@ def test_export_refuses_a_folder_that_is_not_empty(checkpointed_run: Path, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_export_names_the_line_of_a_damaged_results_log(checkpointed_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    with open(run / "results.jsonl", "a") as log:
+        log.write('{"step": 4, "eval/\n')  # a line cut short by a crash
+    lines = len((run / "results.jsonl").read_text().splitlines())
+    assert cli_main(["export", str(run), str(tmp_path / "out")]) == 1
+    assert f"{run / 'results.jsonl'}, line {lines}: not a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_changed_after_it_was_written_is_refused_by_export_and_eval(
     checkpointed_run: Path, small_eval_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint.runs import RUN_CONFIG, ModelSource
 from ..evaluate.results import ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, read_result
 from ..model.open_clip_view import open_clip_builds
+from ..train.records import read_records
 from ..train.tracking import RESULTS_FILE
 
 HUB_TASKS = {ZEROSHOT_CLASSIFICATION: "zero-shot-image-classification", ZEROSHOT_RETRIEVAL: "zero-shot-retrieval"}
@@ -45,8 +46,7 @@ def run_evaluations(source: ModelSource) -> list[Evaluation]:
     if source.run_dir is None or not (source.run_dir / RESULTS_FILE).is_file():
         return []
     found: dict[tuple[str, str], float] = {}
-    for line in (source.run_dir / RESULTS_FILE).read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(source.run_dir):
         if record.get("step") == source.step:
             found.update({tuple(key.split("/")[1:]): value for key, value in record.items()
                           if key.startswith("eval/") and key.count("/") == 2})

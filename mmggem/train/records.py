@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import MissingPathError, UserError
 from .tracking import RESULTS_FILE
 
 P_PREFIX = "train/pool_p/group_"
@@ -23,7 +24,7 @@ def read_records(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``run_dir/results.jsonl``, one dict per line, in file order."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {run_dir} a training output folder?")
+        raise MissingPathError(f"{path} is missing: is {run_dir} a training output folder?")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -31,7 +32,7 @@ def read_records(run_dir: str | os.PathLike) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from None
+            raise UserError(f"{path}, line {number}: not a JSON object ({error})") from None
     return records
 
 
