@@ -115,7 +115,7 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert "ggem vs avg" not in markdown  # no note for a difference the interval resolves
     assert "gem vs avg, flickr/text_retrieval_recall@1: one paired seed" in markdown
     assert markdown.index("Difference to avg, paired") < markdown.index("Difference to max, paired")
-    assert f"Smallest difference to avg these seeds could detect" in markdown
+    assert "Smallest difference to avg these seeds could detect" in markdown
     assert f"| ggem | {100 * detectable:.2f} |" in markdown and "| gem | - |" in markdown
     assert "ggem vs max, flickr/text_retrieval_recall@1: the 95% interval includes 0" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..train.records import PTrajectory, p_trajectory, read_records  # the notebooks call them from here
+from ..train.records import PTrajectory, p_trajectory, read_records  # noqa: F401 - the notebooks call them from here
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

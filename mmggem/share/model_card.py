@@ -12,7 +12,6 @@ given by the caller) whose ``pretrained`` is this very model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,11 +124,12 @@ def training_summary(source: ModelSource) -> dict[str, Any]:
     model's step (``final/`` equals the run's last checkpoint)."""
     if source.run_dir is None:
         return {}
+    from ..checkpoint.restore import read_json
     from ..checkpoint.store import STATE_FILE, step_dir
     from ..config.run import load_config
 
     cfg = load_config(source.run_dir / RUN_CONFIG)
     state_file = step_dir(source.run_dir, source.step) / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_json(state_file) if state_file.is_file() else {}
     return {"data": f"`{cfg.data.train}`", "steps": source.step, "samples_seen": state.get("samples_seen"),
             "batch_size": cfg.train.batch_size, "processes": state.get("world_size")}
