@@ -33,6 +33,9 @@ from ..model.transforms import validate_augment
 
 @dataclass
 class ModelConfig:
+    """``model.*``: the architecture (an open_clip or mmggem model config name), its pooler, pretrained
+    weights, text tower and what is frozen."""
+
     name: str = "ViT-Ti-4-28"
     pooling: str = "ggem"
     pooling_kwargs: dict = field(default_factory=dict)
@@ -53,6 +56,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """``data.*``: the training shards (a webdataset spec), how they are read, shuffled and augmented."""
+
     train: str = ""
     num_samples: int | None = None
     resampled: bool = True
@@ -65,6 +70,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """``train.*``: steps, batch per process, optimizer and schedule, precision, loss, checkpoints and resume."""
+
     steps: int = 1000
     batch_size: int = 64
     lr: float = 5e-4
@@ -91,6 +98,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """``eval.*``: the CLIP_benchmark-layout sets evaluated during training (``every`` steps) and at the end."""
+
     datasets: list = field(default_factory=list)
     every: int = 0
     batch_size: int = 256
@@ -99,6 +108,8 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
+    """``log.*``: the console, ``results.jsonl`` and the trackers (wandb, TensorBoard) and how runs are named."""
+
     every: int = 10
     wandb: Literal["off", "offline", "online"] = "off"
     tensorboard: bool = False
@@ -113,6 +124,9 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
+    """One run: where it writes, its seed, and the sections above. Every key, its type, default and meaning
+    is tabulated in docs/configuration.md (a test keeps that table and these classes in step)."""
+
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
