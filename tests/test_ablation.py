@@ -128,6 +128,25 @@ def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: 
     assert (tmp_path / "ablation_p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_unresolved_differences_get_one_note_per_arm_and_kind() -> None:
+    from mmggem.experiments.paired import paired_difference, plain_notes
+
+    base = {0: 0.10, 1: 0.30, 2: 0.20}
+    differences = {
+        "R@1": paired_difference({s: v + d for (s, v), d in zip(base.items(), (0.01, -0.01, 0.02))}, base),
+        "R@5": paired_difference({s: v + d for (s, v), d in zip(base.items(), (0.00, 0.03, -0.02))}, base),
+        "R@10": paired_difference({s: v + 0.05 + s / 1000 for s, v in base.items()}, base),  # resolved
+        "acc1": paired_difference({0: 0.5}, {0: 0.4, 1: 0.3}),
+        "acc5": paired_difference({}, base),
+    }
+    assert plain_notes("ggem", "gem", differences) == [
+        "ggem vs gem, acc1: one paired seed gives no interval; run more seeds before reading anything into the "
+        "difference.",
+        "ggem vs gem, R@1, R@5: the 95% intervals include 0, so these 3 seeds cannot tell ggem from gem on these "
+        "metrics (the difference may be seed noise)."]
+    assert plain_notes("ggem", "gem", {"R@10": differences["R@10"]}) == []
+
+
 def test_summary_tabulates_the_metrics_asked_for(tmp_path: Path) -> None:
     from mmggem.experiments.ablation import Arm, plan_runs
     from mmggem.experiments.summary import write_summary

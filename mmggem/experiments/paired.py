@@ -74,12 +74,20 @@ def format_detectable(diff: PairedDifference | None) -> str:
     return "-" if diff is None or diff.seeds < 2 else f"{100 * diff.detectable:.2f}"
 
 
-def plain_note(pooling: str, baseline: str, metric: str, diff: PairedDifference | None) -> str | None:
-    """One sentence for a difference whose interval includes 0 (or that has none), else None."""
-    if diff is None or not diff.includes_zero:
-        return None
-    if diff.seeds < 2:
-        return (f"{pooling} vs {baseline}, {metric}: one paired seed gives no interval; "
-                "run more seeds before reading anything into the difference.")
-    return (f"{pooling} vs {baseline}, {metric}: the 95% interval includes 0, so these {diff.seeds} seeds "
-            f"cannot tell {pooling} from {baseline} on this metric (the difference may be seed noise).")
+def plain_notes(pooling: str, baseline: str, differences: dict[str, PairedDifference | None]) -> list[str]:
+    """Sentences for the metrics (``differences``: metric -> difference) whose interval includes 0 or that
+    have none: one for those with a single paired seed, one per seed count for the others; none when every
+    interval resolves its difference."""
+    single = [metric for metric, diff in differences.items() if diff is not None and diff.seeds < 2]
+    notes = [f"{pooling} vs {baseline}, {', '.join(single)}: one paired seed gives no interval; "
+             "run more seeds before reading anything into the difference."] if single else []
+    unresolved: dict[int, list[str]] = {}
+    for metric, diff in differences.items():
+        if diff is not None and diff.seeds >= 2 and diff.includes_zero:
+            unresolved.setdefault(diff.seeds, []).append(metric)
+    for seeds, metrics in unresolved.items():
+        interval = "interval includes" if len(metrics) == 1 else "intervals include"
+        notes.append(f"{pooling} vs {baseline}, {', '.join(metrics)}: the 95% {interval} 0, so these {seeds} seeds "
+                     f"cannot tell {pooling} from {baseline} on {'this metric' if len(metrics) == 1 else 'these metrics'} "
+                     "(the difference may be seed noise).")
+    return notes

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..train.records import PTrajectory, p_trajectory, read_records
 from .ablation import AblationRun
-from .paired import POWER, PairedDifference, format_detectable, format_difference, paired_difference, plain_note
+from .paired import POWER, PairedDifference, format_detectable, format_difference, paired_difference, plain_notes
 from .probes import HEAD_DEPENDENCE, run_head_dependence
 
 SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
@@ -131,9 +131,9 @@ def write_markdown(summary: Summary, path: Path, interim: str = "") -> None:
                   "mean [95% t interval] (seeds).", "", header, rule]
         for arm, cells in differences.items():
             lines.append(f"| {arm} | " + " | ".join(format_difference(cells[c]) for c in summary.columns) + " |")
-        notes = [plain_note(arm, baseline, _label(c), cells[c])
-                 for arm, cells in differences.items() for c in summary.columns]
-        lines += [""] + [f"- {note}" for note in notes if note]
+        notes = [note for arm, cells in differences.items()
+                 for note in plain_notes(arm, baseline, {_label(c): cells[c] for c in summary.columns})]
+        lines += [""] + [f"- {note}" for note in notes]
         lines += ["", f"Smallest difference to {baseline} these seeds could detect ({100 * POWER:.0f}% power, "
                   "95% two-sided paired t test, from the spread of the paired differences), in percentage points.",
                   "", header, rule]
