@@ -172,3 +172,31 @@ def test_a_checkpoint_of_a_run_from_a_tag_loads_into_the_tags_model(fake_tag: st
     tokens = get_tokenizer(trained)(TEXTS)
     with torch.no_grad():
         torch.testing.assert_close(shell.eval().encode_text(tokens), trained.eval().encode_text(tokens))
+
+
+def test_a_saved_folder_brings_the_config_it_was_trained_with(tmp_path: Path) -> None:
+    """Starting from a saved mmggem model (as model.pretrained or ``hf-hub:`` of its upload) keeps its
+    activation and final LayerNorm placement: they change the features but not a weight's shape, so a
+    model built from the named config instead would load the weights silently and compute others."""
+    torch.manual_seed(0)
+    trained = mmggem.create_model(NAME, pooling="gem", quick_gelu=True, vision_cfg={"final_ln_after_pool": True})
+    folder = mmggem.save_model(trained, tmp_path / "saved")
+    started = mmggem.create_model(NAME, pooling="gem", pretrained=folder)
+    assert started.mmggem_spec.model_cfg["quick_gelu"] is True
+    assert started.mmggem_spec.model_cfg["vision_cfg"]["final_ln_after_pool"] is True
+    tokens = get_tokenizer(trained)(TEXTS)
+    pixels = torch.rand(2, 3, 28, 28)
+    trained.eval(), started.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(started.encode_text(tokens), trained.encode_text(tokens))
+        torch.testing.assert_close(started.encode_image(pixels), trained.encode_image(pixels))
+
+
+def test_an_open_clip_local_dir_folder_brings_its_config_as_open_clip_reads_it(fake_repo: Path,
+                                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "repo"  # the fake repo's files: open_clip's local-dir layout
+    reference, _, reference_preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model = mmggem.create_model(NAME, pooling="cls", pretrained=folder)
+    assert model.mmggem_spec.model_cfg["text_cfg"]["context_length"] == 24
+    assert_same_as_open_clip(model, image_transform(model, is_train=False), get_tokenizer(model), reference,
+                             reference_preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"))

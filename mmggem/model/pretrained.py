@@ -8,7 +8,10 @@ Weights come with more than their tensors, and open_clip's factory
 - an ``hf-hub:org/repo`` brings its ``open_clip_config.json``: the model config (which replaces the
   named one's, as open_clip's ``hf-hub:`` names do: its text tower and tokenizer included) and its
   ``preprocess_cfg``;
-- a folder written by :func:`mmggem.save_model` (or an mmggem Hub repo) brings its ``preprocess_cfg``;
+- a folder written by :func:`mmggem.save_model` (or an mmggem Hub repo) brings its ``preprocess_cfg``
+  and the model config it was trained with (its ``mmggem.model_cfg``: ``quick_gelu``,
+  ``final_ln_after_pool`` and the like, which change the features but not the weights' shapes); a
+  folder in open_clip's ``local-dir`` layout brings its ``model_cfg`` and ``preprocess_cfg``;
 - a bare weights file, or a Hub repo of weights alone (no ``open_clip_config.json``), brings nothing,
   and the named model's config and open_clip's default preprocessing hold.
 
@@ -41,7 +44,7 @@ class Pretrained:
 
     ``preprocess_cfg`` holds the keys of ``open_clip.transform.PreprocessCfg`` the source sets (none for a
     bare file); ``model_cfg`` is a Hub repo's model config, which replaces the named model's (None
-    otherwise); ``quick_gelu`` is a tag's activation (open_clip reads a missing key as False; None when
+    otherwise), or a saved folder's; ``quick_gelu`` is a tag's activation (open_clip reads a missing key as False; None when
     ``pretrained`` is no tag); ``weights`` is None where they were not fetched.
     """
 
@@ -84,8 +87,7 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
             except MissingPathError:
                 raise no_config from None
         if "mmggem" in config:  # the whole folder, so that the pooler's parameters load too
-            weights = download_model_folder(text, cache) if fetch_weights else None
-            return Pretrained(weights, _preprocess_keys(config.get("preprocess_cfg")))
+            return _travelling(download_model_folder(text, cache) if fetch_weights else None, config)
         if not isinstance(config.get("model_cfg"), dict):
             raise UserError(f"{text}: its {CONFIG_FILE} has no 'model_cfg' section, which open_clip's hf-hub: "
                             "loader needs as well")
@@ -103,10 +105,28 @@ def resolve_pretrained(name: str, pretrained: str | Path, cache_dir: str | Path 
 
 
 def _local(path: Path) -> Pretrained:
-    """A weights file (nothing travels with it) or a model folder (its saved preprocessing does)."""
+    """A weights file (nothing travels with it) or a model folder (its saved config and preprocessing do)."""
     config = path / CONFIG_FILE
-    saved = json.loads(config.read_text()).get("preprocess_cfg") if path.is_dir() and config.is_file() else None
-    return Pretrained(path, _preprocess_keys(saved))
+    if not (path.is_dir() and config.is_file()):
+        return Pretrained(path)
+    try:
+        saved = json.loads(config.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config}: not valid JSON ({error})") from None
+    return _travelling(path, saved)
+
+
+def _travelling(weights: Path | None, config: dict[str, Any]) -> Pretrained:
+    """What a saved model folder's ``open_clip_config.json`` makes travel with its weights.
+
+    An mmggem folder's own ``mmggem.model_cfg`` is the config it was trained with; its top-level
+    ``model_cfg`` is only open_clip's view of it (:mod:`mmggem.model.open_clip_view`), so the first
+    is taken where both exist. Without either (a hand-made folder), the named model's config holds.
+    """
+    own = config.get("mmggem", {}).get("model_cfg") if isinstance(config.get("mmggem"), dict) else None
+    model_cfg = own if isinstance(own, dict) else config.get("model_cfg")
+    return Pretrained(weights, _preprocess_keys(config.get("preprocess_cfg")),
+                      model_cfg if isinstance(model_cfg, dict) else None)
 
 
 def _preprocess_keys(source: dict[str, Any] | None) -> dict[str, Any]:
