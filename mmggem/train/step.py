@@ -32,9 +32,12 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, accelerator: Ac
         loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), *cached[-1][2:])
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         last = index == accum_steps - 1
-        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            image_features, text_features, *scalars = model(image_chunk, text_chunk)
-            micro_loss = micro_batch_loss(loss_fn, cached_images, cached_texts, index, image_features,
-                                          text_features, *scalars)
-        accelerator.backward(micro_loss)
+        # The backward stays inside no_sync: DDP decides in the forward whether to reduce, but FSDP2
+        # reads its flag when the backward runs, so a backward outside would reduce every micro-batch.
+        with nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                image_features, text_features, *scalars = model(image_chunk, text_chunk)
+                micro_loss = micro_batch_loss(loss_fn, cached_images, cached_texts, index, image_features,
+                                              text_features, *scalars)
+            accelerator.backward(micro_loss)
     return loss
