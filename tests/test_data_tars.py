@@ -75,3 +75,20 @@ def test_a_duplicated_extension_is_a_counted_skip_in_training_and_an_error_in_ev
     assert sorted(trained) == ["caption 0", "caption 2"] and skipped == {"duplicate_member": 1}
     with pytest.raises(UserError, match=r"0\.tar: sample 'twice' has two members with the extension of 'twice\.PNG'"):
         open_eval_set(root)
+
+
+def test_a_resume_inside_a_shard_counts_its_skips_once(tmp_path: Path) -> None:
+    """Resuming re-reads the part of the shard read before the checkpoint: its skips were counted then."""
+    members = [*sample("first", 0), *sample("twice", 1), ("twice.PNG", image_bytes(noise(9))),
+               *sample("third", 2), *sample("fourth", 3), *sample("fifth", 4)]
+    shard = write_members(tmp_path / "0.tar", members)
+    options = dict(transform=plain_transform, tokenizer=byte_tokenizer, batch_size=1, num_workers=0, seed=0,
+                   resampled=False, shuffle_buffer=0, rank=0, world_size=1, num_samples=4)
+    interrupted = TrainLoader(str(shard), **options)
+    batches = iter(interrupted)
+    read = [decode_tokens(next(batches)[1])[0] for _ in range(2)]
+    assert read == ["caption 0", "caption 2"] and interrupted.skipped() == {"duplicate_member": 1}
+    resumed = TrainLoader(str(shard), **options, state=interrupted.state_dict())
+    assert resumed.skipped() == {"duplicate_member": 1}
+    assert [decode_tokens(tokens)[0] for _, tokens in resumed] == ["caption 3", "caption 4"]
+    assert resumed.skipped() == {"duplicate_member": 1}

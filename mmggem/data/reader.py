@@ -140,11 +140,14 @@ class RawReader:
         pass_index, shard_index, sample_index = self.position = snapshot.position
         if sample_index:  # reopen the shard being read and skip what was read of it
             url = self.sequence.url(pass_index, shard_index)
+            counted = Counter(self.skips)  # the skips of the part read again were counted before the checkpoint
             self._shard = self._open(url, self.skips)
             for _ in range(sample_index):
                 if next(self._shard, None) is None:
                     raise RuntimeError(f"{url} holds fewer than the {sample_index} samples read from it before the "
                                        "checkpoint: the shard changed")
+            self.skips.clear()
+            self.skips.update(counted)
 
     def _fetch(self, origins: set[Origin]) -> dict[Origin, dict[str, Any]]:
         """Re-read the samples at ``origins``, one pass over each shard they are in."""
