@@ -121,8 +121,9 @@ def _signed_power_mean(x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Te
 
     ``sum_n sign(x)|x|^p = e^L * d`` with L the larger of the two log-sums
     (positive and negative tokens) and ``d = e^(L+ - L) - e^(L- - L)`` in
-    [-1, 1]; then ``y = sign(d) * exp((L - log N + log|d|) / p)``. ``|d|`` is
-    floored at ``eps^p`` (relative to the larger sum) so that an exact
+    [-1, 1]; then ``y = sign(d) * exp((L - log N + log|d|) / p)``. ``log|d|`` is
+    floored at ``p log eps`` (``|d| >= eps^p`` relative to the larger sum, taken in log
+    space because ``eps^p`` is 0 in float32 from p = 7.5) so that an exact
     cancellation gives about 0 with a finite gradient.
     """
     log_abs = p * x.abs().clamp(min=eps).log()
@@ -132,7 +133,8 @@ def _signed_power_mean(x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Te
     largest = torch.maximum(log_pos, log_neg)
     diff = torch.exp(log_pos - largest) - torch.exp(log_neg - largest)
     p = p.squeeze(1)
-    log_mean = largest - math.log(x.shape[1]) + diff.abs().clamp(min=eps**p.detach()).log()
+    log_diff = diff.abs().clamp(min=torch.finfo(diff.dtype).tiny).log()  # finite, so its gradient is too
+    log_mean = largest - math.log(x.shape[1]) + torch.maximum(log_diff, p.detach() * math.log(eps))
     return diff.sign() * torch.exp(log_mean / p)
 
 
