@@ -7,11 +7,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from mmggem.train.optim import build_optimizer, cosine_schedule, param_groups
+from mmggem.checkpoint.store import load_checkpoint, save_checkpoint
+from mmggem.train.optim import WarmupCosine, build_optimizer, cosine_schedule, param_groups
 
-CONFIGS = Path(__file__).resolve().parents[1] / "mmggem" / "model_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "mmggem" / "model" / "model_configs"
 
 
 class _Pooler(nn.Module):
@@ -176,3 +178,26 @@ def test_optimizer_and_schedule_state_round_trip_through_a_file(tmp_path: Path) 
     assert resumed_lrs == straight_lrs
     assert len(set(straight_lrs)) == 6  # steps 5..10 differ; 10 and 11 sit at the minimum
     torch.testing.assert_close(model2.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_resume_with_more_steps_follows_the_new_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint of step 10 of a 10-step schedule, resumed with 20 steps through the trainer's own save and
+    load (accelerate restores the optimizer after the scheduler): steps 11.. use the 20-step cosine's rates,
+    not the old minimum (0), and one line names the changed setting."""
+    def build(total: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Accelerator]:
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+        optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+        scheduler = cosine_schedule(optimizer, warmup_steps=2, total_steps=total)
+        return *accelerator.prepare(model, optimizer), scheduler, accelerator
+
+    model, optimizer, scheduler, accelerator = build(10)
+    _train(model, optimizer, scheduler, range(10))
+    saved = save_checkpoint(accelerator, tmp_path, 10, {}, {}, scheduler.state_dict(), keep=1)
+    model, optimizer, scheduler, accelerator = build(20)
+    load_checkpoint(accelerator, saved, scheduler)
+    assert "the schedule follows the config: total steps 10 -> 20\n" in capsys.readouterr().out
+    used = _train(model, optimizer, scheduler, range(10, 20))
+    assert used == pytest.approx([1e-2 * WarmupCosine(2, 20)(step) for step in range(10, 20)], rel=1e-12)
+    assert min(used) > 0

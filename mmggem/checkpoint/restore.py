@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from accelerate.utils import RNG_STATE_NAME
 from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
@@ -88,7 +89,13 @@ def check_readable(folder: Path) -> None:
 
 
 def restore_scheduler(scheduler: Any, folder: Path) -> None:
-    """Load the learning-rate scheduler's state from ``scheduler.json`` (or an older checkpoint's pickle)."""
+    """Put the learning-rate scheduler at the position saved in ``scheduler.json`` (or an older checkpoint's
+    pickle).
+
+    The schedule itself follows the current config (the trainer's scheduler restores its position
+    only, :class:`mmggem.train.optim.WarmupCosineLR`); each of the saved schedule's settings that
+    differs from it (a longer ``train.steps``, another ``train.lr``) is named in one line, old -> new.
+    """
     path = folder / SCHEDULER_FILE
     if path.is_file() or not (folder / LEGACY_SCHEDULER_FILE).is_file():
         state = read_json(path)
@@ -96,9 +103,28 @@ def restore_scheduler(scheduler: Any, folder: Path) -> None:
         path = folder / LEGACY_SCHEDULER_FILE
         state = load_torch_file(path)
     try:
+        changed = _schedule_changes(scheduler.state_dict(), state)
         scheduler.load_state_dict(state)
     except Exception as error:
         raise CheckpointDamaged(f"{path}: not a learning-rate scheduler state ({one_line(error)})") from None
+    if changed:
+        PartialState().print(f"the schedule follows the config: {', '.join(changed)}")
+
+
+def _schedule_changes(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Each setting of a saved ``LambdaLR`` state that differs from the current one's, as ``"name old -> new"``:
+    the fields its factor object saves (``total_steps``: "total steps") and its base learning rates."""
+    def fields(state: dict[str, Any]) -> dict[str, Any]:
+        first = (state.get("lr_lambdas") or [None])[0]
+        return first if isinstance(first, dict) else {}
+
+    now, then = fields(current), fields(saved)
+    found = [f"{name.replace('_', ' ')} {then[name]} -> {value}" for name, value in now.items()
+             if name in then and then[name] != value]
+    if "base_lrs" in saved and list(saved["base_lrs"]) != list(current["base_lrs"]):
+        rates = lambda values: ", ".join(f"{value:g}" for value in values)  # noqa: E731
+        found.append(f"learning rates {rates(saved['base_lrs'])} -> {rates(current['base_lrs'])}")
+    return found
 
 
 def restore_rng(folder: Path, rank: int) -> None:

@@ -14,18 +14,24 @@ never cuts their gradient.
 Each group carries ``lr_mult`` and its ``lr`` is set to ``lr * lr_mult`` at
 build time, so :func:`cosine_schedule`'s factor gives every group
 ``lr * lr_mult * factor``.
+
+The schedule always follows the current config: a checkpoint restores its position
+only (:class:`WarmupCosineLR`), so a run resumed with a larger ``train.steps`` follows
+the longer cosine, as open_clip's trainer recomputes its schedule from its arguments
+at resume.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..model.pooling import project_exponents
 
-__all__ = ["WarmupCosine", "build_optimizer", "cosine_schedule", "param_groups"]
+__all__ = ["WarmupCosine", "WarmupCosineLR", "build_optimizer", "cosine_schedule", "param_groups"]
 
 _NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale")
 _NO_DECAY_SUFFIXES = ("positional_embedding", "class_embedding")
@@ -94,7 +100,8 @@ class WarmupCosine:
     Linear warmup ``(step + 1) / warmup_steps`` (as open_clip: the first step
     already trains), then a half cosine from 1 down to ``min_lr_ratio`` at
     ``total_steps``, and ``min_lr_ratio`` after that. A dataclass rather than a
-    closure so that ``LambdaLR.state_dict()`` saves its fields too.
+    closure so that ``LambdaLR.state_dict()`` saves its fields too, which a resume
+    compares with the current ones (:func:`mmggem.checkpoint.restore.restore_scheduler`).
     """
 
     warmup_steps: int
@@ -117,13 +124,50 @@ class WarmupCosine:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """torch's ``LambdaLR`` over one :class:`WarmupCosine`, whose saved state restores its position only.
+
+    ``LambdaLR.load_state_dict`` would copy the saved schedule's settings (its base learning
+    rates and the :class:`WarmupCosine` fields) over the ones this scheduler was built with; here
+    they stay those of the current config, and only the step count comes from the state.
+    Every group's learning rate is then set to this schedule's value at that step, also after
+    the optimizer's own state is loaded (which holds the saving schedule's learning rates), so
+    the two may be restored in either order.
+    """
+
+    _SETTINGS = ("base_lrs", "lr_lambdas")  # what the config decides; everything else is the position
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> None:
+        super().__init__(optimizer, schedule)
+        optimizer.register_load_state_dict_post_hook(lambda _: self.follow_schedule())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the position (``last_epoch``, the step count) from ``state_dict``, keep this schedule."""
+        missing = [key for key in ("last_epoch", "_step_count") if key not in state_dict]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        position = {key: value for key, value in state_dict.items() if key not in self._SETTINGS}
+        super().load_state_dict({**position, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        self.follow_schedule()
+
+    def follow_schedule(self) -> None:
+        """Set every group's learning rate to this schedule's value at the current position (as ``step``
+        computes it, so an unchanged schedule gives the very same numbers)."""
+        lrs = [base_lr * factor(self.last_epoch) for factor, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
 def cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> WarmupCosineLR:
     """Warmup + cosine schedule (:class:`WarmupCosine`) for every group of ``optimizer``.
 
     Call ``scheduler.step()`` once after each ``optimizer.step()``. Its
-    ``state_dict()`` (step count, base lrs and the schedule's fields) restores
-    the schedule exactly with ``load_state_dict`` on a freshly built one.
+    ``state_dict()`` (the step count, base lrs and the schedule's fields) restores
+    the position with ``load_state_dict`` on a freshly built one: exactly the same
+    learning rates when that one has the same settings, the new schedule's otherwise
+    (:class:`WarmupCosineLR`).
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
+    return WarmupCosineLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
