@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
+import yaml
 
 from conftest import run_cli
+from mmggem.cli import main as cli_main
 from mmggem.config.run import ConfigError, RunConfig, load_config, parse_duration, save_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -194,6 +196,38 @@ def test_the_train_command_takes_the_documented_words() -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("mmggem train: error: data.train: a shard pattern is required, "
                                      "e.g. /data/cc3m/{00000..00331}.tar")
+
+
+def test_string_overrides_keep_braces_hashes_and_colons_as_typed(capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   train_shards: str, tmp_path: Path) -> None:
+    """A shard pattern relative to the working directory starts with a brace, which YAML would read as a mapping;
+    ``#`` would start a YAML comment and ``: `` a mapping. A string option takes the text after ``=`` as typed."""
+    monkeypatch.chdir(Path(train_shards).parent)
+    pattern = Path(train_shards).name
+    assert pattern.startswith("{")
+    code = cli_main(["train", "--dry-run", str(CONFIGS / "demo.yaml"), f"data.train={pattern}", "log.run_name=ggem #3",
+                     "log.notes=lr sweep: 1e-3", "log.wandb=off", "eval.datasets=[]", f"output_dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.partition("\n\n")[0])
+    assert resolved["data"]["train"] == pattern and f"  {pattern}: 4 shard(s)" in out.splitlines()
+    assert resolved["log"] == {**resolved["log"], "run_name": "ggem #3", "notes": "lr sweep: 1e-3", "wandb": "off"}
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("eval.datasets=[/data/a, /data/b", "write a list as [a, b]"),
+    ("model.pooling_kwargs={groups: 12", "write a mapping as {key: value}"),
+    ("train.steps=[1", "expected int"),
+])
+def test_a_value_yaml_cannot_read_is_one_line_naming_the_key_exit_2(capsys: pytest.CaptureFixture, override: str,
+                                                                     expected: str) -> None:
+    key, _, value = override.partition("=")
+    code = cli_main(["train", "--dry-run", str(CONFIGS / "demo.yaml"), override])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"mmggem train: error: {key}: {value!r} is not valid YAML (") and expected in line
 
 
 def test_checking_pooler_options_leaves_the_random_stream_alone() -> None:

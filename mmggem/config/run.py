@@ -6,12 +6,15 @@ unknown key, a value of the wrong type or an invalid value fails at start with
 a :class:`ConfigError` that names the key and what is allowed, so a typo never
 silently trains the wrong model for days.
 
-Values are read as YAML, in a file and on the command line alike, but the key's
-declared type decides what an unquoted word means: YAML 1.1 reads ``off``,
-``no``, ``on``, ``yes``, ``y``, dates and numbers as booleans, dates and
-numbers, so a string option (``log.wandb=off``, ``train.precision=no``,
-``log.run_name=2024-01-01``) keeps the text as typed, and an optional number
-also takes ``none`` for None besides YAML's ``null`` and ``~``.
+Values are read as YAML, but the key's declared type decides what an unquoted
+word means: YAML 1.1 reads ``off``, ``no``, ``on``, ``yes``, ``y``, dates and
+numbers as booleans, dates and numbers, so a string option (``log.wandb=off``,
+``train.precision=no``, ``log.run_name=2024-01-01``) keeps the text as typed,
+and an optional number also takes ``none`` for None besides YAML's ``null`` and
+``~``. On the command line a string option is not read as YAML at all: its text
+is taken as typed, so a brace pattern (``data.train={00000..00006}.tar``), a
+``#`` or a ``: `` stay in it; a value of any other type that YAML cannot read is
+a :class:`ConfigError` naming the key and the syntax expected.
 """
 from __future__ import annotations
 
@@ -336,7 +339,7 @@ def _validate_model_locks(model: ModelConfig) -> None:
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is read as :func:`_override_value` says."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.lr=1e-3)")
@@ -346,7 +349,48 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = _load_yaml(raw) if raw else ""
+    node[parts[-1]] = _override_value(key, raw)
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """The value of the override ``key=raw``: the text as typed for a string option (shells hand over
+    brace patterns, ``#`` and ``: `` that YAML would read as a mapping or a comment), YAML otherwise."""
+    annotation = _declared_type(key.split("."))
+    if not raw or _is_text(annotation):
+        return raw
+    try:
+        return _load_yaml(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{key}: {raw!r} is not valid YAML ({problem}); {_how_written(key, annotation)}") from None
+
+
+def _declared_type(parts: list[str]) -> Any:
+    """The declared type of the dotted key ``parts``, or None where none is declared: a key inside a
+    ``dict`` option (``model.pooling_kwargs.groups``), or an unknown key (:func:`_build` names it)."""
+    annotation: Any = RunConfig
+    for part in parts:
+        if not dataclasses.is_dataclass(annotation):
+            return None
+        annotation = get_type_hints(annotation).get(part)
+    return annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a key of type ``annotation`` holds free text: ``str`` or ``str | None``."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return str in members and all(member in (str, type(None)) for member in members)
+
+
+def _how_written(key: str, annotation: Any) -> str:
+    """How a value of type ``annotation`` is written in an override of ``key``, for one that YAML cannot read."""
+    if annotation is list or get_origin(annotation) is list:
+        return "write a list as [a, b], quoting an item that holds ': ', ' #', braces or commas: ['a: b', c]"
+    if annotation is dict or get_origin(annotation) is dict or dataclasses.is_dataclass(annotation):
+        return "write a mapping as {key: value}, quoting a value that holds ': ', ' #', braces or commas: {key: 'a: b'}"
+    if annotation is None:
+        return f"quote text that holds ': ', ' #', brackets, braces or commas: {key}='a: b'"
+    return f"expected {_type_name(annotation)}"
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
