@@ -1,7 +1,11 @@
 #!/bin/bash
 # Multi-node mmggem training on SLURM, preemption- and time-limit-safe, requeueing itself.
 #
+#   source .venv/bin/activate    # the job inherits this shell's environment, PATH included
 #   sbatch --nodes 4 launch/slurm.sh configs/vit_b16_ggem_cc3m.yaml output_dir=/checkpoints/b16-ggem
+#
+# Each task runs $PYTHON (default: the python on that PATH); PYTHON=/path/to/.venv/bin/python sbatch ...
+# names an interpreter without activating anything.
 #
 # One task per GPU is started by srun itself (no torchrun in between), so each task's exit
 # code reaches this script (srun returns the highest): mmggem exits 75 when SIGUSR1 (sent
@@ -29,11 +33,12 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-29500}
 export WORLD_SIZE=$SLURM_NTASKS
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
+export PYTHON=${PYTHON:-python}
 
 # Each task maps SLURM's ids onto torch's env:// variables, which accelerate reads.
 srun --kill-on-bad-exit=0 bash -c '
   export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE
-  exec python -u -m mmggem.cli train "$@" train.resume=latest
+  exec "$PYTHON" -u -m mmggem.cli train "$@" train.resume=latest
 ' mmggem "$@"
 status=$?
 
