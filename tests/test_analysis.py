@@ -79,10 +79,14 @@ def test_p_trajectory_rejects_runs_without_exponents(tmp_path: Path) -> None:
                                {"step": 2, "train/pool_p/group_0": 3.0, "train/pool_p/group_1": 3.0}])
 
 
-def test_read_records_names_the_bad_line(tmp_path: Path) -> None:
-    (tmp_path / "results.jsonl").write_text('{"step": 1}\n{"step": 2\n')
+def test_read_records_names_the_bad_line_and_drops_a_last_one_cut_short(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "results.jsonl").write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"results.jsonl, line 2"):
         analysis.read_records(tmp_path)
+    (tmp_path / "results.jsonl").write_text('{"step": 1}\n{"step": 2, "train/lo')  # a kill mid-append
+    assert analysis.read_records(tmp_path) == [{"step": 1}]
+    assert "results.jsonl, line 2: a record cut short" in caplog.text
     with pytest.raises(FileNotFoundError, match="results.jsonl is missing"):
         analysis.read_records(tmp_path / "nowhere")
 

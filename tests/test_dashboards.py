@@ -168,3 +168,17 @@ def test_wandb_failing_to_start_drops_only_wandb(tmp_path: Path, monkeypatch: py
     run_log.finish()
     assert [event.value for event in tensorboard(tmp_path).Scalars("train/loss")] == [1.5]
     assert not (tmp_path / "wandb_run_id").exists()
+
+
+def test_a_resume_drops_a_record_cut_short_by_a_kill(train_shards: str, tmp_path: Path) -> None:
+    """A kill (or a full disk) in the middle of appending to results.jsonl leaves half a line; the
+    resume that follows rewinds the file to its checkpoint and carries on, instead of a traceback."""
+    out = tmp_path / "run"
+    args = train_args(train_shards, out, "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                      "log.every=1", "data.workers=0")
+    ok(run_cli(*args))
+    with open(out / "results.jsonl", "a") as handle:
+        handle.write('{"step": 3, "train/lo')
+    resumed = ok(run_cli(*args, f"train.resume={out / 'checkpoints' / 'step_00000001'}"))
+    assert "line 3: a record cut short" in resumed.stderr + resumed.stdout
+    assert [r["step"] for r in records(out) if "train/loss" in r] == [1, 2]

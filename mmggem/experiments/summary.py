@@ -11,7 +11,6 @@ Markdown, the whole course of training in ``ablation_p.png``.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from ..train.records import PTrajectory, p_trajectory, read_records
+from ..train.tracking import RESULTS_FILE
 from .ablation import AblationRun
 from .paired import POWER, PairedDifference, format_detectable, format_difference, paired_difference, plain_notes
 from .probes import HEAD_DEPENDENCE, run_head_dependence
@@ -29,12 +29,11 @@ SUMMARY_METRICS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1"
 def final_metrics(run: AblationRun, probes: Sequence[str] = ()) -> dict[str, float]:
     """The last logged value of every ``eval/<set>/<metric>`` of a run, and those of the ``probes``
     measured on its final model (:mod:`mmggem.experiments.probes`; only ``head_dependence`` exists)."""
-    results = run.output_dir / "results.jsonl"
-    if not results.is_file():
-        raise FileNotFoundError(f"{results} is missing: run {run.name} seed {run.seed} never logged")
+    if not (run.output_dir / RESULTS_FILE).is_file():
+        raise FileNotFoundError(f"{run.output_dir / RESULTS_FILE} is missing: run {run.name} seed {run.seed} "
+                                "never logged")
     metrics: dict[str, float] = {}
-    for line in results.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(run.output_dir):
         metrics.update({k: v for k, v in record.items() if k.startswith("eval/")})
     if HEAD_DEPENDENCE in probes:
         metrics.update(run_head_dependence(run.output_dir))

@@ -5,7 +5,6 @@ the ablation's summary and the notebooks (:mod:`mmggem.experiments.analysis`) re
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import MissingPathError, UserError
-from .tracking import RESULTS_FILE
+from ..errors import MissingPathError
+from .tracking import RESULTS_FILE, record_lines
 
 P_PREFIX = "train/pool_p/group_"
 """The key prefix of group g's exponent p in a record (``train/pool_p/group_<g>``)."""
@@ -25,15 +24,7 @@ def read_records(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise MissingPathError(f"{path} is missing: is {run_dir} a training output folder?")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}, line {number}: not a JSON object ({error})") from None
-    return records
+    return [record for _, record in record_lines(path)]
 
 
 @dataclass(frozen=True)

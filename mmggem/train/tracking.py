@@ -33,6 +33,31 @@ TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger(__name__)
 
 
+def record_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each record of the results file ``path`` with its line as written, in file order.
+
+    A line that is not a JSON object is an error naming the file and line, except a last one: an
+    append cut short (a kill or a full disk mid-write) leaves it partial, and it is dropped with a
+    warning (a resume logs its step again).
+    """
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    found = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip("\0 \t\r\n"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                log.warning("%s, line %d: a record cut short (%s), dropped", path, number, error)
+                break
+            raise UserError(f"{path}, line {number}: not a JSON object ({error})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number}: not a JSON object")
+        found.append((line if line.endswith("\n") else line + "\n", record))
+    return found
+
+
 def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str | GeneralTracker] | None:
     """accelerate's ``log_with`` for the run: ``"wandb"`` and a TensorBoard tracker on ``OUTPUT_DIR/tensorboard``
     (None for neither: accelerate warns about an empty list)."""
@@ -138,7 +163,7 @@ class RunLog:
         """Drop records after ``step``: on resume, what was logged past the checkpoint is logged again."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        kept = [line for line, record in record_lines(self.path) if record.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
