@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import (ONE_PROCESS_ARGS, ONE_PROCESS_STEPS, PYTHON, accelerate_cli, cpu_env, evaluations, ok,
                       records, run_cli, spawn_ranks, train_args, two_process_args)
+from accelerate.utils import RNG_STATE_NAME
 from safetensors.torch import load_file
 
 import mmggem
+from mmggem.checkpoint.restore import load_torch_file
 from mmggem.train.stopping import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,14 @@ def test_stop_at_step_then_resume_equals_one_run(train_shards: str, one_process_
     assert not (split / "final").exists() and len(losses(split)) == 4
     ok(run_cli(*one_process(train_shards, split, "train.resume=latest")))
     assert_same_run(one_process_run[0], split)
+    # the main process's CPU generator too is where the uninterrupted run's is (the loader draws nothing from it)
+    last = Path("checkpoints") / f"step_{ONE_PROCESS_STEPS:08d}"
+    assert torch.equal(cpu_rng_state(split / last), cpu_rng_state(one_process_run[0] / last))
+
+
+def cpu_rng_state(checkpoint: Path) -> torch.Tensor:
+    """torch's global CPU generator state of rank 0 when ``checkpoint`` was saved."""
+    return load_torch_file(checkpoint / f"{RNG_STATE_NAME}_0.pkl")["torch_manual_seed"]
 
 
 def test_two_processes_stop_and_resume_equal_one_run(train_shards: str, small_eval_sets: tuple[Path, Path],

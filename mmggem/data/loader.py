@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from . import elastic
-from .schedule import Schedule, Setup
+from .schedule import Schedule, Setup, mix_seed
 from .shards import Source, count_samples, is_remote, parse_spec
 from .state import BatchTag, LoaderState, check_version
 from .stream import Stream
@@ -136,7 +136,8 @@ class TrainLoader:
         if self._batches is None:
             stream = Stream(self._schedule(), self._state, self.transform, self.tokenizer, self._board)
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                            pin_memory=self.pin_memory, worker_init_fn=self._board.init_worker))
+                                            pin_memory=self.pin_memory, worker_init_fn=self._board.init_worker,
+                                            generator=self._base_seed_generator()))
         while True:
             with self._waiting():
                 images, tokens, tag = next(self._batches)
@@ -147,6 +148,16 @@ class TrainLoader:
             yield images, tokens
             if epoch_ended and not self.resampled:
                 return
+
+    def _base_seed_generator(self) -> torch.Generator:
+        """The generator the DataLoader draws its workers' base seed from when it starts them.
+
+        Without one it draws from torch's global generator of the main process, at the first batch:
+        at step 1 of a run but after the RNG state is restored in a resumed one, which would leave
+        the main process's randomness one draw apart from the uninterrupted run's. The base seed
+        itself changes no sample: every sample's transform is seeded on its own (:mod:`.stream`).
+        """
+        return torch.Generator().manual_seed(mix_seed(self.setup.seed, self.setup.rank))
 
     @contextmanager
     def _waiting(self) -> Iterator[None]:
