@@ -2,7 +2,11 @@
 
 Everything is written under a hidden staging name beside its target and renamed
 into place only when complete (a rename within one folder is atomic), so a
-crash or kill leaves either the old content or the new, never a mix.
+crash or kill leaves either the old content or the new, never a mix. It is also
+durable: the staged files and folders are fsynced before the rename, and the
+parent folder after it, so that after a power loss or node crash the name never
+points at files the disk has not yet received (a rename is journaled ahead of
+unsynced data on common filesystems).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from .errors import OutputExistsError
 
@@ -37,12 +41,59 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    fsync_tree(tmp)
+    replace_directory(tmp, out)
+
+
+def replace_directory(staged: Path, target: Path) -> None:
+    """Put the complete folder ``staged`` at ``target`` (a sibling), replacing any folder there, durably.
+
+    By renames only: the old ``target`` moves to a hidden ``.NAME.old-XXXXXXXX`` beside it, ``staged``
+    takes its name, the parent folder is fsynced, and only then is the old one removed. The old
+    content is never deleted before the new is in place: a kill between the two renames leaves it
+    whole under the hidden name. ``staged``'s own files must already be on disk (:func:`fsync_tree`).
+    """
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
     if old is not None:
-        out.rename(old)
-    tmp.rename(out)
+        target.rename(old)
+    staged.rename(target)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make ``folder``'s entries (names created, renamed or removed in it) durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Make every file under ``folder`` durable, then every folder's entries, ``folder``'s own last.
+
+    What a writer that does not fsync (torch.save, safetensors, accelerate) left in the page cache
+    reaches the disk before ``folder`` is renamed into place.
+    """
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        else:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for each in reversed(folders):  # the deepest first, ``folder`` last
+        fsync_dir(each)
+
+
+def flush_to_disk(handle: IO) -> None:
+    """Flush ``handle``'s buffer and fsync its file: the content is on disk when this returns."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -51,16 +102,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    """Write ``data`` to ``path`` through a temporary file fsynced and renamed into place, then fsync
+    the folder (the new name is durable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            flush_to_disk(f)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+    fsync_dir(path.parent)
 
 
 def mount_point(path: str | os.PathLike) -> Path:
