@@ -3,6 +3,11 @@
 One short run (stopped at step 4 of 6, checkpoints at steps 2 and 4) is shared by every case;
 each case damages a copy of it and resumes through the CLI as a user would. A resume that
 falls back is checked for exactness against the shared run's own losses.
+
+How checkpoints are kept (a resume from an older one sets the newer ones aside, a save never
+prunes itself) and written durably (every file fsynced before the rename, the folder after it;
+a step saved again swapped by renames) is tested in-process on a tiny model, through
+save_checkpoint and resolve_resume with real files.
 """
 from __future__ import annotations
 
@@ -10,14 +15,19 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from conftest import records, run_cli
 from test_train import assert_same_run, ok, train_args
 
 from mmggem.checkpoint.manifest import MANIFEST, CheckpointDamaged, verify_manifest
+from mmggem.checkpoint.store import STATE_FILE, list_checkpoints, resolve_resume, save_checkpoint
+from mmggem.fileio import atomic_directory, write_text_atomic
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +126,33 @@ def test_a_damaged_manifest_is_named(run_copy: Path) -> None:
         verify_manifest(step(run_copy, 4))
 
 
-def test_latest_skips_a_damaged_checkpoint_with_one_warning_and_resumes_exactly(
+def superseded(run: Path, resumed_at: int, suffix: str = "") -> Path:
+    """Where a resume from step ``resumed_at`` moves the run's newer checkpoints."""
+    return run / "checkpoints" / f"superseded_from_step_{resumed_at:08d}{suffix}"
+
+
+def moved_warning(run: Path, resumed_at: int, *moved: int, suffix: str = "") -> str:
+    names = ", ".join(f"step_{number:08d}" for number in moved)
+    return (f"WARNING: resuming from {step(run, resumed_at)} (step {resumed_at}), so the newer checkpoints of "
+            f"{run / 'checkpoints'} belong to the line it abandons: moved {names} to "
+            f"{superseded(run, resumed_at, suffix)} (kept, not deleted)")
+
+
+def test_latest_skips_a_damaged_checkpoint_with_a_warning_sets_it_aside_and_resumes_exactly(
         train_shards: str, full_run: Path, run_copy: Path) -> None:
     DAMAGES["garbage"](step(run_copy, 4))  # the RNG state: accelerate alone would resume silently
     result = ok(resume(train_shards, run_copy, "train.stop_at_step=null"))
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 1, warnings
+    assert len(warnings) == 2, warnings
     assert warnings[0].startswith(f"WARNING: skipping a damaged checkpoint ({step(run_copy, 4)}/random_states_0.pkl:"
                                   " content differs from the manifest")
     assert warnings[0].endswith("resuming from step_00000002")
+    assert warnings[1].startswith(moved_warning(run_copy, 2, 4))
     assert f"resumed from {step(run_copy, 2)} at step 2" in result.stdout
     assert_continues_as(run_copy, full_run, resumed_at=2)
+    assert verify_manifest(step(run_copy, 4))  # the resumed line's own step 4
+    with pytest.raises(CheckpointDamaged):  # the damaged one, kept aside
+        verify_manifest(superseded(run_copy, 2) / "step_00000004")
 
 
 def test_latest_falls_back_past_the_two_newest_damaged_checkpoints(train_shards: str, full_run: Path,
@@ -142,9 +168,11 @@ def test_latest_falls_back_past_the_two_newest_damaged_checkpoints(train_shards:
     result = ok(run_cli(*train_args(train_shards, run, "train.steps=6", "train.checkpoint_every=1",
                                     "train.keep_checkpoints=3", "train.resume=latest")))
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
-    assert [w.split(" (")[1].split(":")[0] for w in warnings] == [str(step(run, 4) / "random_states_0.pkl"),
-                                                                  str(step(run, 3) / "optimizer.bin")]
-    assert all(w.endswith("resuming from step_00000002") for w in warnings)
+    skipped, moved = warnings[:-1], warnings[-1]
+    assert [w.split(" (")[1].split(":")[0] for w in skipped] == [str(step(run, 4) / "random_states_0.pkl"),
+                                                                 str(step(run, 3) / "optimizer.bin")]
+    assert all(w.endswith("resuming from step_00000002") for w in skipped)
+    assert moved.startswith(moved_warning(run, 2, 3, 4))
     assert f"resumed from {step(run, 2)} at step 2" in result.stdout
     assert_continues_as(run, full_run, resumed_at=2)
 
@@ -218,3 +246,171 @@ def test_a_checkpoint_written_before_manifests_resumes_exactly_with_a_warning(
     assert sorted(p.name for p in step(run_copy, 4).iterdir()) == [
         "data_state_rank0.json", MANIFEST, "model.safetensors", "optimizer.bin", "random_states_0.pkl",
         "scheduler.json", "trainer_state.json"]
+
+
+@pytest.fixture(scope="module")
+def accelerator() -> Iterator[Accelerator]:
+    """A CPU Accelerator holding a tiny model and its optimizer: real accelerate state to save."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    yield accelerator
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def save(accelerator: Accelerator, run: Path, number: int, keep: int = 3, marker: str = "") -> Path:
+    """save_checkpoint of step ``number`` as the trainer calls it; ``marker`` tells two saves of a step apart."""
+    return save_checkpoint(accelerator, run, number, {"marker": marker}, {"position": number}, {"last_epoch": number},
+                           keep)
+
+
+def steps_of(run: Path) -> list[int]:
+    return [int(path.name.removeprefix("step_")) for path in list_checkpoints(run)]
+
+
+def warnings_in(capsys: pytest.CaptureFixture) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside_and_its_saves_stay(
+        accelerator: Accelerator, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    for number in (200, 300, 400):
+        save(accelerator, run, number)
+    assert resolve_resume(accelerator, run, str(step(run, 200))) == step(run, 200)
+    [warning] = warnings_in(capsys)
+    assert warning.startswith(moved_warning(run, 200, 300, 400))
+    assert sorted(p.name for p in superseded(run, 200).iterdir()) == ["step_00000300", "step_00000400"]
+    assert all(verify_manifest(path) for path in superseded(run, 200).iterdir())
+    written = save(accelerator, run, 250, keep=2)
+    assert written == step(run, 250) and verify_manifest(written)
+    assert steps_of(run) == [200, 250]
+    assert resolve_resume(accelerator, run, "latest") == step(run, 250)
+    save(accelerator, run, 300)  # the resumed line goes on; resumed from 200 again, its 300 goes aside too
+    assert resolve_resume(accelerator, run, str(step(run, 200))) == step(run, 200)
+    [warning] = warnings_in(capsys)
+    assert warning.startswith(moved_warning(run, 200, 250, 300, suffix="_2"))
+    assert sorted(p.name for p in superseded(run, 200, "_2").iterdir()) == ["step_00000250", "step_00000300"]
+    assert steps_of(run) == [200]
+
+
+def test_latest_past_a_damaged_newest_keeps_what_the_resumed_run_saves(
+        accelerator: Accelerator, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """keep=1: a save of the resumed line must prune the checkpoint it resumed from, not itself."""
+    run = tmp_path / "run"
+    for number in (200, 300):
+        save(accelerator, run, number, keep=2)
+    DAMAGES["garbage"](step(run, 300))
+    assert resolve_resume(accelerator, run, "latest") == step(run, 200)
+    skipped, moved = warnings_in(capsys)
+    assert skipped.endswith("resuming from step_00000200") and moved.startswith(moved_warning(run, 200, 300))
+    assert save(accelerator, run, 250, keep=1).is_dir()
+    assert steps_of(run) == [250]
+    assert resolve_resume(accelerator, run, "latest") == step(run, 250)
+    assert (superseded(run, 200) / "step_00000300" / STATE_FILE).is_file()
+
+
+def test_a_resume_from_another_runs_checkpoint_moves_nothing_of_that_run(
+        accelerator: Accelerator, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other, run = tmp_path / "other", tmp_path / "run"
+    for number in (200, 300):
+        save(accelerator, other, number)
+    save(accelerator, run, 300)
+    assert resolve_resume(accelerator, run, str(step(other, 200))) == step(other, 200)
+    assert steps_of(other) == [200, 300] and not superseded(other, 200).exists()
+    assert steps_of(run) == [] and (superseded(run, 200) / "step_00000300" / STATE_FILE).is_file()
+    [warning] = warnings_in(capsys)
+    assert f"resuming from {step(other, 200)} (step 200), so the newer checkpoints of {run / 'checkpoints'}" in warning
+
+
+def test_a_save_below_the_newest_checkpoint_stays_and_prunes_only_older_ones(
+        accelerator: Accelerator, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for number in (100, 200, 400):
+        save(accelerator, run, number)
+    written = save(accelerator, run, 300, keep=1)
+    assert written == step(run, 300) and verify_manifest(written)
+    assert steps_of(run) == [300, 400]
+
+
+@pytest.fixture
+def disk_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every fsync (the path its descriptor names), rename and folder removal, in order, as they happen."""
+    events: list[tuple[str, ...]] = []
+    fsync, rename, replace, rmtree = os.fsync, os.rename, os.replace, shutil.rmtree
+
+    def record(name: str, operation: Callable, *paths: object) -> Callable:
+        events.append((name, *map(str, paths)))
+        return operation
+
+    monkeypatch.setattr(os, "fsync", lambda fd: record("fsync", fsync, os.readlink(f"/proc/self/fd/{fd}"))(fd))
+    monkeypatch.setattr(os, "rename", lambda src, dst: record("rename", rename, src, dst)(src, dst))
+    monkeypatch.setattr(os, "replace", lambda src, dst: record("rename", replace, src, dst)(src, dst))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: record("rmtree", rmtree, path)(path, *a, **k))
+    return events
+
+
+def assert_durable(events: list[tuple[str, ...]], staged: Path, final: Path) -> None:
+    """Every file and folder now under ``final`` was fsynced under its staging name ``staged`` before the
+    rename, and ``final``'s parent folder after it."""
+    renamed = events.index(("rename", str(staged), str(final)))
+    synced = {event[1] for event in events[:renamed] if event[0] == "fsync"}
+    real = Path(os.path.realpath(staged))
+    expected = {str(real)} | ({str(real / p.relative_to(final)) for p in final.rglob("*")} if final.is_dir() else set())
+    assert expected - synced == set(), f"not fsynced before the rename; fsynced: {sorted(synced)}"
+    assert ("fsync", os.path.realpath(final.parent)) in events[renamed + 1:]
+
+
+def test_every_file_of_a_checkpoint_is_on_disk_before_its_rename_and_pruning_waits_for_it(
+        accelerator: Accelerator, tmp_path: Path, disk_events: list[tuple[str, ...]]) -> None:
+    run = tmp_path / "run"
+    save(accelerator, run, 1, keep=1)
+    disk_events.clear()
+    final = save(accelerator, run, 2, keep=1)
+    assert {p.name for p in final.iterdir()} >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    assert_durable(disk_events, final.with_name(".step_00000002.partial"), final)
+    synced_root = disk_events.index(("fsync", os.path.realpath(final.parent)))
+    assert synced_root < disk_events.index(("rmtree", str(step(run, 1)))), "the old one pruned before the new is durable"
+    assert steps_of(run) == [2]
+
+
+def test_files_and_folders_written_atomically_are_durable(tmp_path: Path,
+                                                          disk_events: list[tuple[str, ...]]) -> None:
+    write_text_atomic(tmp_path / "record.json", "{}\n")
+    [(_, staged, _)] = [event for event in disk_events if event[0] == "rename"]
+    assert_durable(disk_events, Path(staged), tmp_path / "record.json")
+    disk_events.clear()
+    with atomic_directory(tmp_path / "export") as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "weights.bin").write_bytes(b"0" * 100)
+        (staging / "config.json").write_text("{}")
+    assert_durable(disk_events, staging, tmp_path / "export")
+
+
+class Killed(BaseException):
+    """What a SIGKILL at that instant would leave: nothing after it runs, no cleanup either."""
+
+
+def test_saving_a_step_again_never_deletes_it_before_its_successor_is_in_place(
+        accelerator: Accelerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    first = save(accelerator, run, 2, marker="first")
+    rename = os.rename
+
+    def killed_before_the_new_one_is_renamed_into_place(src: Path, dst: Path) -> None:
+        if Path(dst) == first:
+            raise Killed
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_before_the_new_one_is_renamed_into_place)
+    with pytest.raises(Killed):
+        save(accelerator, run, 2, marker="second")
+    monkeypatch.setattr(os, "rename", rename)
+    kept = [p for p in (run / "checkpoints").iterdir() if (p / STATE_FILE).is_file()
+            and json.loads((p / STATE_FILE).read_text())["marker"] == "first"]
+    assert len(kept) == 1 and verify_manifest(kept[0]), "the saved checkpoint was deleted before the rename"
+    assert save(accelerator, run, 2, marker="third") == first and verify_manifest(first)
+    assert json.loads((first / STATE_FILE).read_text())["marker"] == "third"

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic on disk, the last K kept, verified and restored exactly at resume.
+"""Training checkpoints: atomic and durable on disk, the last K kept, verified and restored exactly at resume.
 
 A checkpoint is ``OUTPUT_DIR/checkpoints/step_<8 digits>/`` holding accelerate's
 state (model, optimizer, grad scaler, every process's RNG state), the scheduler's
@@ -7,10 +7,27 @@ loader's position), ``trainer_state.json`` (step, counters, world size) and, las
 ``manifest.json`` (every file's size and SHA-256, :mod:`mmggem.checkpoint.manifest`). It is
 written under a ``.partial`` name and renamed into place only once every process
 has finished and the manifest is on disk, so a kill at any moment, ``kill -9``
-included, leaves the previous checkpoint intact and the partial one ignored. A
-write that fails (a full disk above all) removes the partial folder on the spot;
-a full disk is reported as one :class:`CheckpointDiskFull` line naming the
-filesystem, the bytes needed and the bytes free.
+included, leaves the previous checkpoint intact and the partial one ignored.
+Before the rename every file of the partial folder (accelerate's, which it does
+not fsync, included) and the folder itself are fsynced, and ``checkpoints/``
+after it, so a node crash cannot leave ``step_N`` named in place with short
+files. A step saved again replaces its folder by renames (the complete one is
+never deleted before its successor is in place). A write that fails (a full
+disk above all) removes the partial folder on the spot; a full disk is reported
+as one :class:`CheckpointDiskFull` line naming the filesystem, the bytes needed
+and the bytes free.
+
+Which checkpoints are kept: the run's checkpoints form one line of steps. After a
+save of step S, the ``keep`` newest checkpoints with a step <= S stay and the
+older ones are deleted; the one just written always stays, and none newer than S
+is ever deleted by a save. At resume from step R, the checkpoints of this run's
+``checkpoints/`` newer than R belong to the line the resume abandons (an older
+checkpoint chosen on purpose, or ``latest`` passing over damaged newer ones):
+they are moved, never deleted, into ``checkpoints/superseded_from_step_<R>/``
+(``_2``, ``_3``... if that exists), which :func:`list_checkpoints` ignores, with
+one warning naming them. So the resumed line's saves are pruned among themselves
+and ``latest`` finds them, not the abandoned line's newest. A resume from another
+run's checkpoint moves nothing in that run's folder.
 
 At resume the main process checks the checkpoint against its manifest; ``latest``
 passes over a damaged one to the newest that verifies, with a warning naming it.
@@ -20,7 +37,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -30,7 +46,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from ..errors import UserError
-from ..fileio import describe_filesystem, mount_point
+from ..fileio import describe_filesystem, flush_to_disk, fsync_dir, fsync_tree, mount_point, replace_directory
 from .manifest import CheckpointDamaged, verify_manifest, write_manifest
 from .restore import (SCHEDULER_FILE, accelerate_view, check_readable, one_line, read_json, restore_rng,
                       restore_scheduler)
@@ -50,13 +66,22 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(output_dir) / f"step_{step:08d}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def _step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``step_N`` folder of a run's ``checkpoints/``, complete or not, oldest first."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def _step_of(folder: Path) -> int:
+    """The step a ``step_N`` folder's name gives."""
+    return int(_NAME.match(folder.name)[1])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return [p for p in _step_folders(output_dir) if (p / STATE_FILE).is_file()]
 
 
 def unverified_message(path: Path) -> str:
@@ -97,12 +122,15 @@ def resolve_resume(accelerator: Accelerator, output_dir: str | Path, resume: str
     """The checkpoint to resume from (collective): ``latest`` (None if the run has none), a path, or None for ``''``.
 
     The main process verifies it against its manifest (hashing each file once, not once per process),
-    prints a warning for each checkpoint passed over and shares the choice, or the error, with all.
+    moves this run's checkpoints newer than it aside (:func:`_set_aside_newer`), prints a warning for
+    each checkpoint passed over or moved and shares the choice, or the error, with all.
     """
     shared: list[Any] = [None]
     if accelerator.is_main_process:
         try:
             path, warnings = _choose(output_dir, resume)
+            if path is not None:
+                warnings += _set_aside_newer(output_dir, path)
             for warning in warnings:
                 print(f"WARNING: {warning}", flush=True)
             shared = [("ok", str(path) if path else None)]
@@ -114,11 +142,63 @@ def resolve_resume(accelerator: Accelerator, output_dir: str | Path, resume: str
     return Path(value) if value else None
 
 
+def _saved_step(checkpoint: Path) -> int:
+    """The step ``checkpoint``'s trainer state records (its folder may have any name)."""
+    step = read_json(checkpoint / STATE_FILE).get("step")
+    if not isinstance(step, int):
+        raise CheckpointDamaged(f"{checkpoint / STATE_FILE}: 'step' is {step!r}, not a step number")
+    return step
+
+
+def _free_name(wanted: Path) -> Path:
+    """``wanted``, or ``wanted_2``, ``wanted_3``... the first that does not exist."""
+    candidate, number = wanted, 1
+    while candidate.exists():
+        number += 1
+        candidate = wanted.with_name(f"{wanted.name}_{number}")
+    return candidate
+
+
+def _set_aside_newer(output_dir: str | Path, resumed: Path) -> list[str]:
+    """Move this run's checkpoints newer than ``resumed`` into ``checkpoints/superseded_from_step_<R>/``
+    (durably; nothing is deleted); the warning saying so, if any moved.
+
+    They belong to the line the resume abandons: left in place, a save of the resumed line would be
+    pruned as older than they, and ``latest`` would go back to them.
+    """
+    step = _saved_step(resumed)
+    newer = [p for p in _step_folders(output_dir) if _step_of(p) > step]
+    if not newer:
+        return []
+    root = checkpoint_dir(output_dir)
+    aside = _free_name(root / f"superseded_from_step_{step:08d}")
+    try:
+        aside.mkdir()
+        for path in newer:
+            path.rename(aside / path.name)
+        fsync_dir(aside)
+        fsync_dir(root)
+    except OSError as error:  # a UserError, so every process learns it (resolve_resume)
+        raise UserError(f"resuming from {resumed} (step {step}): could not move the newer checkpoints of {root} "
+                        f"aside into {aside} ({one_line(error)}); move {', '.join(p.name for p in newer)} out of "
+                        f"{root} by hand, then resume again") from None
+    return [f"resuming from {resumed} (step {step}), so the newer checkpoints of {root} belong to the line it "
+            f"abandons: moved {', '.join(p.name for p in newer)} to {aside} (kept, not deleted), so that saves of "
+            "the resumed line are not pruned in their favour and train.resume=latest does not go back to them"]
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
+        flush_to_disk(handle)
+
+
+def _prune(output_dir: str | Path, step: int, keep: int) -> None:
+    """Delete the checkpoints of the line ending at ``step`` older than its ``keep`` newest; none newer
+    than ``step`` (so never the one just written)."""
+    line = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
+    for old in line[:-keep]:
+        shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -130,7 +210,8 @@ def save_checkpoint(
     scheduler_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write the checkpoint of ``step`` on every process (a collective call) and prune old ones.
+    """Write the checkpoint of ``step`` on every process (a collective call) and prune old ones
+    (the ``keep`` newest with a step <= ``step`` stay).
 
     A write that fails on any process fails on all of them, after the same exchanges (none waits
     in a barrier another left): the partial folder is removed, the earlier checkpoints stay, and
@@ -153,11 +234,9 @@ def save_checkpoint(
 
     def complete() -> None:  # the main process, once every process's files are written
         write_manifest(partial)  # last: it lists every process's files
-        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
-            shutil.rmtree(final)
-        partial.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+        fsync_tree(partial)  # accelerate's files too: on disk before the name says the checkpoint is there
+        replace_directory(partial, final)  # then checkpoints/ fsynced; the same step saved again is swapped
+        _prune(output_dir, step, keep)  # only once the new checkpoint is durable
 
     _all_or_none(accelerator, own_files, final, partial)
     _all_or_none(accelerator, complete if accelerator.is_main_process else lambda: None, final, partial)
