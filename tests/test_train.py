@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 import mmggem
 from mmggem.checkpoint.restore import load_torch_file
+from mmggem.config.run import load_config
+from mmggem.train.optim import WarmupCosine
 from mmggem.train.stopping import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +83,35 @@ def test_stop_at_step_then_resume_equals_one_run(train_shards: str, one_process_
 def cpu_rng_state(checkpoint: Path) -> torch.Tensor:
     """torch's global CPU generator state of rank 0 when ``checkpoint`` was saved."""
     return load_torch_file(checkpoint / f"{RNG_STATE_NAME}_0.pkl")["torch_manual_seed"]
+
+
+@pytest.fixture(scope="module")
+def continued_run(train_shards: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished 3-step run continued to 6 steps (train.resume=latest, train.steps=6), logged every 2 steps;
+    the output folder and what the continuation printed."""
+    out = tmp_path_factory.mktemp("continued") / "run"
+    ok(run_cli(*train_args(train_shards, out, "train.steps=3", "log.every=2")))
+    continued = ok(run_cli(*train_args(train_shards, out, "train.steps=6", "log.every=2", "train.resume=latest")))
+    return out, continued.stdout
+
+
+def test_a_run_continued_to_more_steps_follows_the_longer_schedule(continued_run: tuple[Path, str]) -> None:
+    out, printed = continued_run
+    assert "the schedule follows the config: total steps 3 -> 6\n" in printed
+    train = load_config(ROOT / "configs" / "demo.yaml").train
+    schedule = WarmupCosine(2, 6, train.min_lr_ratio)  # train_args' warmup
+    logged = {r["step"]: r["train/lr"] for r in records(out) if "train/lr" in r}  # the rate of the step after
+    assert [logged[step] for step in (4, 6)] == pytest.approx([train.lr * schedule(step) for step in (4, 6)])
+
+
+def test_perf_metrics_time_the_steps_since_the_last_log_or_the_resume(continued_run: tuple[Path, str]) -> None:
+    """Logged at steps 2, 3 (the first run's end), 4 (one step after the resume) and 6. The window's step
+    count is what the perf/ values imply: data_wait_s / data_wait_fraction is the window's time, and
+    step_time_s that time per step."""
+    out, _ = continued_run
+    window_steps = {r["step"]: round(r["perf/data_wait_s"] / r["perf/data_wait_fraction"] / r["perf/step_time_s"])
+                    for r in records(out) if "perf/step_time_s" in r}
+    assert window_steps == {2: 2, 3: 1, 4: 1, 6: 2}
 
 
 def test_two_processes_stop_and_resume_equal_one_run(train_shards: str, small_eval_sets: tuple[Path, Path],
@@ -195,7 +226,6 @@ def test_config_errors_fail_before_training(train_shards: str, tmp_path: Path) -
 def test_non_finite_losses_are_skipped_then_stop_the_run(train_shards: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from mmggem.train import loop as trainer
-    from mmggem.config.run import load_config
 
     real_build_loss = trainer.build_loss
     calls = {"n": 0}

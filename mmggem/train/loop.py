@@ -274,6 +274,7 @@ class _Run:
                 clamp_logit_scale_(unwrapped)
                 state.step += 1
                 state.samples_seen += global_batch
+                timer.stepped()
                 progress.update(1)
 
                 log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
@@ -281,10 +282,9 @@ class _Run:
                 if log_step or checkpoint_step:
                     self._read_nonfinite(nonfinite)
                 if log_step:
-                    steps_in_window = (state.step - 1) % cfg.log.every + 1
                     # reading the loss waits for the device, so the window's steps are done when it is timed
                     metrics = step_metrics(unwrapped, loss, grad_norm, self.optimizer, accelerator)
-                    metrics.update(timer.metrics(steps_in_window, cfg.train.batch_size, accelerator.num_processes))
+                    metrics.update(timer.metrics(cfg.train.batch_size, accelerator.num_processes))
                     metrics["data/text_tokens"] = texts.shape[1]  # this step's text width: trimmed, or the context
                     with timer.paused():  # logging is not step time
                         self._log(metrics, unwrapped)

@@ -77,13 +77,19 @@ def max_over_processes(value: float, accelerator: Accelerator) -> float:
 
 @dataclass
 class StepTimer:
-    """Wall-clock time of the steps since the last log step, and the part spent waiting for a batch."""
+    """Wall-clock time of the steps since the last log step (or since the run started or resumed), how many
+    steps that was, and the part spent waiting for a batch."""
 
     start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
+    steps: int = 0
 
     def waited(self, seconds: float) -> None:
         self.data_wait += seconds
+
+    def stepped(self) -> None:
+        """One more optimizer step in the window."""
+        self.steps += 1
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -94,9 +100,9 @@ class StepTimer:
         finally:
             self.start += time.perf_counter() - paused_at
 
-    def metrics(self, steps: int, batch_size: int, num_processes: int) -> dict[str, float]:
-        """``perf/...`` over the window of ``steps`` steps of ``batch_size`` samples per process; restarts it."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    def metrics(self, batch_size: int, num_processes: int) -> dict[str, float]:
+        """``perf/...`` over the window's steps (at least one) of ``batch_size`` samples per process; restarts it."""
+        elapsed, steps = max(time.perf_counter() - self.start, 1e-9), self.steps
         metrics = {
             "perf/step_time_s": elapsed / steps,
             "perf/data_wait_s": self.data_wait,
@@ -104,5 +110,5 @@ class StepTimer:
             "perf/samples_per_s": steps * batch_size * num_processes / elapsed,
             "perf/samples_per_s_per_device": steps * batch_size / elapsed,
         }
-        self.start, self.data_wait = time.perf_counter(), 0.0
+        self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
         return metrics
