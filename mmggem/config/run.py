@@ -19,12 +19,10 @@ a :class:`ConfigError` naming the key and the syntax expected.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
@@ -32,6 +30,7 @@ from ..errors import ConfigError, UserError
 from ..mappings import deep_merge
 from ..model.pooling import POOLER_NAMES, check_pooler_options
 from ..model.transforms import validate_augment
+from .values import Plain, coerce, how_written, is_text, load_yaml
 
 
 @dataclass
@@ -151,114 +150,9 @@ def parse_duration(text: str) -> float:
     return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if get_origin(annotation) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(annotation))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-@dataclass(frozen=True)
-class _Plain:
-    """An unquoted YAML scalar that YAML reads as something other than a string.
-
-    ``text`` is what the user typed, ``value`` YAML's reading of it (``off`` -> False,
-    ``2024-01-01`` -> a date, ``null`` -> None). Which one is meant is decided by the
-    type of the key it is given to (see :func:`_coerce`), not by YAML.
-    """
-
-    text: str
-    value: Any
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader that keeps the typed text of every unquoted non-string scalar as a :class:`_Plain`."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        value = super().construct_object(node, deep)
-        if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, str):
-            return _Plain(node.value, value)
-        return value
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # keys are option names: the text typed, whatever YAML would make of it (`on:` is not True)
-        mapping = super().construct_mapping(node, deep)
-        return {key.text if isinstance(key, _Plain) else key: value for key, value in mapping.items()}
-
-
-def _load_yaml(text: str) -> Any:
-    """Parse config YAML, keeping unquoted non-string scalars as :class:`_Plain` for :func:`_coerce`."""
-    return yaml.load(text, Loader=_ConfigLoader)
-
-
-def _untyped(value: Any) -> Any:
-    """``value`` with every :class:`_Plain` replaced by YAML's reading (dates by their text), for keys of no
-    declared element type (``list``, ``dict``)."""
-    if isinstance(value, _Plain):
-        return value.text if isinstance(value.value, datetime.date) else value.value
-    if isinstance(value, list):
-        return [_untyped(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _untyped(item) for key, item in value.items()}
-    return value
-
-
-_NONE_WORDS = ("none", "null")
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` as the type ``annotation`` declares, or a :class:`ConfigError` naming ``key``.
-
-    A string option takes an unquoted word as typed; ints and numeric strings are accepted where
-    floats are expected; None is written ``null``, ``~``, ``none`` or left empty.
-    """
-    plain = value if isinstance(value, _Plain) else None
-    typed = plain.value if plain is not None else value
-    origin = get_origin(annotation)
-    if origin is Literal:
-        options = get_args(annotation)
-        if plain is not None and plain.text in options:
-            return plain.text
-        if typed in options:
-            return typed
-    elif origin in (Union, types.UnionType):
-        for option in get_args(annotation):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-    elif annotation is type(None):
-        if typed is None or (isinstance(typed, str) and typed.strip().lower() in _NONE_WORDS):
-            return None
-    elif annotation is str:
-        if plain is not None:
-            return plain.text
-        if isinstance(value, str):
-            return value
-    elif annotation is float:
-        if isinstance(typed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(typed)
-            except ValueError:
-                pass
-        elif isinstance(typed, (int, float)) and not isinstance(typed, bool):
-            return float(typed)
-    elif annotation is int:
-        if isinstance(typed, int) and not isinstance(typed, bool):
-            return typed
-    elif origin in (list, dict) or annotation in (list, dict):
-        if isinstance(typed, origin or annotation):
-            return _untyped(typed)
-    elif isinstance(annotation, type) and isinstance(typed, annotation):
-        return typed
-    shown = plain.text if plain is not None else value
-    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {shown!r}")
-
-
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        shown = values.text if isinstance(values, _Plain) else values
+        shown = values.text if isinstance(values, Plain) else values
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown!r}")
     hints = get_type_hints(cls)
     unknown = sorted(set(values) - set(hints))
@@ -272,7 +166,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, values[name], f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(prefix + name, values[name], annotation)
+            kwargs[name] = coerce(prefix + name, values[name], annotation)
     return cls(**kwargs)
 
 
@@ -356,13 +250,13 @@ def _override_value(key: str, raw: str) -> Any:
     """The value of the override ``key=raw``: the text as typed for a string option (shells hand over
     brace patterns, ``#`` and ``: `` that YAML would read as a mapping or a comment), YAML otherwise."""
     annotation = _declared_type(key.split("."))
-    if not raw or _is_text(annotation):
+    if not raw or is_text(annotation):
         return raw
     try:
-        return _load_yaml(raw)
+        return load_yaml(raw)
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{key}: {raw!r} is not valid YAML ({problem}); {_how_written(key, annotation)}") from None
+        raise ConfigError(f"{key}: {raw!r} is not valid YAML ({problem}); {how_written(key, annotation)}") from None
 
 
 def _declared_type(parts: list[str]) -> Any:
@@ -374,23 +268,6 @@ def _declared_type(parts: list[str]) -> Any:
             return None
         annotation = get_type_hints(annotation).get(part)
     return annotation
-
-
-def _is_text(annotation: Any) -> bool:
-    """Whether a key of type ``annotation`` holds free text: ``str`` or ``str | None``."""
-    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    return str in members and all(member in (str, type(None)) for member in members)
-
-
-def _how_written(key: str, annotation: Any) -> str:
-    """How a value of type ``annotation`` is written in an override of ``key``, for one that YAML cannot read."""
-    if annotation is list or get_origin(annotation) is list:
-        return "write a list as [a, b], quoting an item that holds ': ', ' #', braces or commas: ['a: b', c]"
-    if annotation is dict or get_origin(annotation) is dict or dataclasses.is_dataclass(annotation):
-        return "write a mapping as {key: value}, quoting a value that holds ': ', ' #', braces or commas: {key: 'a: b'}"
-    if annotation is None:
-        return f"quote text that holds ': ', ' #', brackets, braces or commas: {key}='a: b'"
-    return f"expected {_type_name(annotation)}"
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -405,7 +282,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        values = _load_yaml(path.read_text()) or {}
+        values = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(values, dict):
