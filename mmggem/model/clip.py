@@ -124,7 +124,9 @@ def _text_tower_cfg(text_tower: str | dict[str, Any]) -> dict[str, Any]:
     return {"hf_tokenizer_name": text_tower["hf_model_name"], **text_tower}
 
 
-def _model_cfg(name: str) -> dict[str, Any]:
+def model_config(name: str) -> dict[str, Any]:
+    """A copy of the open_clip model config ``name`` (open_clip's or mmggem's own, registered above); a
+    UserError naming what is accepted otherwise. The factory's lookup, also used by ``mmggem train --dry-run``."""
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         ours = sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
@@ -135,6 +137,16 @@ def _model_cfg(name: str) -> dict[str, Any]:
     return copy.deepcopy(model_cfg)
 
 
+def check_buildable(name: str, model_cfg: dict[str, Any]) -> None:
+    """A UserError unless ``model_cfg`` (of model ``name``) has an open_clip ViT image tower and no CoCa decoder:
+    what :func:`build_model` can pool."""
+    vision_cfg = model_cfg.get("vision_cfg", {})
+    if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
+        raise UserError(f"model {name!r} has no open_clip ViT image tower (timm or ResNet): not supported")
+    if "multimodal_cfg" in model_cfg:
+        raise UserError(f"model {name!r} is a CoCa model: not supported")
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build a randomly initialised model from a :class:`ModelSpec`.
 
@@ -142,12 +154,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
     every other weight and everything drawn after the model (augmentation, dropout) is the same
     whatever the pooling: the runs of a pooling ablation are paired by seed.
     """
+    check_buildable(spec.name, spec.model_cfg)
     model_cfg = copy.deepcopy(spec.model_cfg)
     vision_cfg = model_cfg.get("vision_cfg", {})
-    if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
-        raise UserError(f"model {spec.name!r} has no open_clip ViT image tower (timm or ResNet): not supported")
-    if "multimodal_cfg" in model_cfg:
-        raise UserError(f"model {spec.name!r} is a CoCa model: not supported")
     custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
     model_class = open_clip.CustomTextCLIP if custom_text else TrimmableCLIP
     model = model_class(**model_cfg)
@@ -200,7 +209,7 @@ def create_model(
             key by key, e.g. ``vision_cfg={"final_ln_after_pool": True, "patch_dropout": 0.5}``.
     """
     source = resolve_pretrained(name, pretrained, cache_dir, load_weights) if pretrained is not None else None
-    model_cfg = deep_merge(source.model_cfg if source and source.model_cfg else _model_cfg(name), overrides)
+    model_cfg = deep_merge(source.model_cfg if source and source.model_cfg else model_config(name), overrides)
     if source is not None and source.quick_gelu is not None:
         model_cfg["quick_gelu"] = tag_quick_gelu(name, source, bool(model_cfg.get("quick_gelu", False)),
                                                  explicit="quick_gelu" in overrides)
