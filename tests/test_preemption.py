@@ -207,6 +207,36 @@ def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards:
     assert assert_stopped_with_checkpoint(out, job.finish(), job.output()) == 5
 
 
+# The final export made slow: a stand-in save_model that says so, then sleeps before the real export.
+SLOW_EXPORT = """
+import sys, time
+from mmggem.train import loop
+real_save_model = loop.save_model
+def save_model(*args, **kwargs):
+    print("exporting", flush=True)
+    time.sleep(120)
+    return real_save_model(*args, **kwargs)
+loop.save_model = save_model
+from mmggem.cli import main
+sys.argv[0] = "mmggem"
+sys.exit(main())
+"""
+
+
+def test_a_signal_during_the_final_export_stops_the_process(train_shards: str, tmp_path: Path,
+                                                            jobs: list[Job]) -> None:
+    """Training is over and its last step saved: the stop signals are no longer caught, so a SIGTERM ends the
+    process at once (it was noted and ignored until the export had finished, and the run exited 0)."""
+    out = tmp_path / "run"
+    job = Job([[PYTHON, "-c", SLOW_EXPORT, *train_args(train_shards, out, "train.steps=2")]], [cpu_env()],
+              tmp_path / "log.txt", jobs)
+    job.wait_for(lambda: "exporting" in job.output(), "the final export")
+    os.killpg(job.group, signal.SIGTERM)
+    assert job.finish(timeout=60) == [-signal.SIGTERM], job.output()[-3000:]
+    assert verify_manifest(out / "checkpoints" / "step_00000002") and not (out / "final").exists()
+    assert "stopped at step" not in job.output()
+
+
 # The full disk, as torch's writer meets it: a stand-in torch.save that writes part of a file of the
 # second checkpoint (step 4), then fails with ENOSPC; the launch itself is `python -m mmggem.cli`.
 FULL_DISK = """

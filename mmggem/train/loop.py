@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,21 +143,20 @@ def train(cfg: RunConfig) -> TrainOutcome:
     """Train as ``cfg`` says; collective under ``accelerate launch`` (every process calls it).
 
     Three steps: build the run (resumed from a checkpoint when asked), train it, and, unless it
-    stopped early, evaluate the final model and export it to ``OUTPUT_DIR/final``.
+    stopped early, evaluate the final model and export it to ``OUTPUT_DIR/final``: with the last step
+    saved and ``final/`` written atomically, a signal then stops the process as any program's.
     """
     run = _start_run(cfg)
     try:
-        with run.stop.catching_signals():
+        with run.training():
             outcome = run.loop()
-            if outcome.stopped_by is None:
-                outcome.evaluations, outcome.final = run.evaluate_and_export()
-            elif outcome.exit_code and run.accelerator.is_main_process:
-                with suppress(OSError):  # a full disk may refuse even this; the process's code says it too
-                    (Path(cfg.output_dir) / EXIT_CODE_FILE).write_text(f"{outcome.exit_code}\n")
-            return outcome
+        if outcome.stopped_by is None:
+            outcome.evaluations, outcome.final = run.evaluate_and_export()
+        elif outcome.exit_code and run.accelerator.is_main_process:
+            with suppress(OSError):  # a full disk may refuse even this; the process's code says it too
+                (Path(cfg.output_dir) / EXIT_CODE_FILE).write_text(f"{outcome.exit_code}\n")
+        return outcome
     finally:
-        run.loader.close()
-        run.stop.close()
         run.run_log.finish()
 
 
@@ -244,6 +243,17 @@ class _Run:
     run_log: RunLog
     stop: StopControl
     state: TrainState
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """The scope of the training steps: stop signals are caught inside; at its end the loader's
+        workers are shut down and the stop exchange is finished."""
+        try:
+            with self.stop.catching_signals():
+                yield
+        finally:
+            self.loader.close()
+            self.stop.close()
 
     def loop(self) -> TrainOutcome:
         """Run steps until ``train.steps`` or a stop; outside log, checkpoint and evaluation steps the
