@@ -15,6 +15,8 @@ the SLURM script); the other subcommands have their flags parsed by the real par
 without running (``demo`` also has its overrides read over the demo recipe). A config path that is a
 placeholder (``/path/to/...``, ``<...>``, ``$VAR``, ``~/...``, an upper-case word, a file outside the
 repository that is not there) skips that command with a note; a config inside the repository must exist.
+A dry run that gets as far as listing what a real run would stop on (exit 2) passes: the shards, sets and
+weights the documentation names are not on the test machine, and what is checked is the command itself.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
 _REDIRECT = re.compile(r"^\d*(>>?|<)(.*)$")
 _PLACEHOLDER = re.compile(r"<[^>]+>|\$\{?\w+\}?|^~|/path/to/|^[A-Z][A-Z0-9_]*(\.ya?ml)?$")
 _METAVARS = ("...", "key=value", "KEY=VALUE")
+_PROBLEMS_LISTED = re.compile(r"^a real run would stop on \d+ problem\(s\)", re.MULTILINE)  # mmggem.train.dry_run
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,8 @@ def check_command(command: Command) -> Check:
         if config is not None and is_placeholder(config):
             return Check(command, skipped=f"config {config} is a placeholder")
         code, output = _run_main([*argv, "--dry-run"] if "--dry-run" not in argv else argv)
+        if code == 2 and _PROBLEMS_LISTED.search(output):
+            return Check(command)
     else:
         with mock.patch.object(mmggem.cli, "build_parser", _parse_only_parser):
             code, output = _run_main(argv)

@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and overrides, print the resolved config and what would run "
-                             "(processes, precision, steps, batch, shards, evaluation sets, resume) and exit "
-                             "without building a model or writing anything")
+                             "(processes, precision, steps, batch, model and pretrained weights, shards, "
+                             "evaluation sets, resume) without building a model, fetching or writing anything; "
+                             "exits 2 when it lists a problem a real run would stop on, 0 when none")
     parser.set_defaults(func=run)
 
 

@@ -25,7 +25,8 @@ from ..checkpoint.store import list_checkpoints
 from ..config.run import RunConfig
 from ..errors import UsageError
 from ..model.pooling import POOLER_NAMES
-from ..train.dry_run import Launch, describe_data, describe_training, problem_lines
+from ..train.dry_run import (DryRun, Launch, conclude, describe_data, describe_model, describe_trackers,
+                              describe_training)
 
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -145,13 +146,15 @@ def run_state(run: AblationRun) -> str:
     return f"resumable from {kept[-1].name}" if kept else "new"
 
 
-def describe_ablation(cfg: RunConfig, runs: Sequence[AblationRun], launch: Launch) -> str:
+def describe_ablation(cfg: RunConfig, runs: Sequence[AblationRun], launch: Launch) -> DryRun:
     """The dry-run report of ``mmggem ablate``: each run's budget and data, then every planned run."""
     problems: list[str] = []
     single = Launch(processes=1, rank=0, device=launch.device, fsdp=False)  # each run is its own process
+    each_run = [*describe_training(cfg, single, problems), *describe_model(cfg, problems),
+                *describe_trackers(cfg, problems), *describe_data(cfg, problems)]
     lines = ["dry run: nothing is trained or written",
              "each run (the config and the shared overrides; an arm's own overrides come on top):",
-             *(f"  {line}" for line in describe_training(cfg, single, problems) + describe_data(cfg, problems))]
+             *(f"  {line}" for line in each_run)]
     arms = len({run.name for run in runs})
     lines.append(f"planned runs: {len(runs)} ({arms} arm(s) x {len(runs) // max(arms, 1)} seed(s))"
                  + (f", run i on process i mod {launch.processes}" if launch.processes > 1 else ""))
@@ -160,4 +163,4 @@ def describe_ablation(cfg: RunConfig, runs: Sequence[AblationRun], launch: Launc
     lines.extend(f"  {run.name:<{name_width}}  seed {run.seed}  {state:<{state_width}}  {run.output_dir}"
                  for run, state in zip(runs, states))
     lines.append(f"then the tables: {runs[0].output_dir.parent.parent / 'ablation.md'}, .csv and .png")
-    return "\n".join([*lines, *problem_lines(problems)])
+    return conclude(lines, problems)

@@ -7,24 +7,34 @@ machine or on files is reported, not refused: the processes and precision come f
 environment (``WORLD_SIZE``, set by ``accelerate launch``, torchrun and ``launch/slurm.sh``;
 ``ACCELERATE_MIXED_PRECISION``), and shards, evaluation sets and checkpoints are looked up and
 said to be there or not, since commands are often checked before the data is in place (and the
-documentation uses placeholder paths). What a real run would stop on is listed at the end.
+documentation uses placeholder paths). The model name and pretrained weights are checked as the model
+factory would check them, but nothing is built or fetched: an open_clip tag or ``hf-hub:`` name is
+said to be fetched at start. What a real run would stop on is listed at the end, and then the dry run
+exits with a usage error's status (2), so it can gate a job; 0 when a real run would start.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import braceexpand
+import open_clip
 import torch
 import yaml
+from open_clip.pretrained import get_pretrained_cfg
 
 from ..checkpoint.store import STATE_FILE, checkpoint_dir, list_checkpoints
-from ..config.run import RunConfig, to_dict
+from ..config.run import ModelConfig, RunConfig, to_dict
 from ..data.shards import count_samples, parse_spec
 from ..errors import UsageError, UserError
+from ..model.clip import check_buildable, model_config
+from ..model.hub import is_hub_name, repo_id
+from ..model.pretrained import resolve_pretrained
 from .precision import effective_precision, precision_line
+from .tracking import TENSORBOARD_DIR
 
 _TRUE = ("1", "true", "yes", "y", "t", "on")  # accelerate's spelling of a set flag (accelerate.utils.str_to_bool)
 
@@ -53,12 +63,27 @@ def launch_from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
                   fsdp=environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE)
 
 
-def report(describe: Callable[[Launch], str], environ: Mapping[str, str] = os.environ) -> int:
-    """Print ``describe(launch)`` for the launch ``environ`` describes, on its main process only; the exit code, 0."""
+@dataclass(frozen=True)
+class DryRun:
+    """A dry run's report, and the problems it lists that a real run would stop on."""
+
+    text: str
+    problems: tuple[str, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when a real run would start; a usage error's status when it would stop on a problem listed."""
+        return UsageError.exit_code if self.problems else 0
+
+
+def report(describe: Callable[[Launch], DryRun], environ: Mapping[str, str] = os.environ) -> int:
+    """Print ``describe(launch)`` for the launch ``environ`` describes, on its main process only, and return
+    its exit code on every process, so that a launcher's exit status says whether the run would start."""
     launch = launch_from_environment(environ)
+    dry_run = describe(launch)
     if launch.prints:
-        print(describe(launch))
-    return 0
+        print(dry_run.text)
+    return dry_run.exit_code
 
 
 def _count(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -94,6 +119,60 @@ def describe_training(cfg: RunConfig, launch: Launch, problems: list[str]) -> li
             steps,
             f"batch: {cfg.train.batch_size} per process, {global_batch} global{micro}",
             f"samples: {cfg.train.steps * global_batch:,} (steps x global batch)"]
+
+
+def describe_model(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """The architecture and its starting weights, checked as the model factory checks them but without
+    building the model or fetching weights."""
+    model = cfg.model
+    weights, brings_config = _describe_pretrained(model, problems)
+    if not brings_config:  # a saved folder's own config replaces model.name's, as in the factory
+        try:
+            check_buildable(model.name, model_config(model.name))
+        except UserError as error:
+            problems.append(f"model.name: {error}")
+    return [f"model: {model.name}", f"pretrained: {weights}"]
+
+
+def describe_trackers(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """That TensorBoard would log, when ``log.tensorboard`` is set; a tensorboard package that does not
+    import is a problem, as :func:`mmggem.train.tracking.trackers` stops a run on it at start."""
+    if not cfg.log.tensorboard:
+        return []
+    try:
+        importlib.import_module("tensorboard")
+    except ImportError as error:
+        problems.append(f"log.tensorboard=true, but the tensorboard package does not import ({error}): "
+                        "pip install tensorboard")
+    return [f"tensorboard: on, into the run folder's {TENSORBOARD_DIR}/"]
+
+
+def _describe_pretrained(model: ModelConfig, problems: list[str]) -> tuple[str, bool]:
+    """What ``model.pretrained`` names, and whether it brings its own model config (a saved folder does,
+    which replaces ``model.name``'s); a source a real run could not load is appended to ``problems``."""
+    text = model.pretrained
+    if not text:
+        return "none (random initialisation)", False
+    fetched = "fetched at start (or read from the cache)"
+    if Path(text).exists():
+        try:
+            brings_config = resolve_pretrained(model.name, text, fetch_weights=False).model_cfg is not None
+        except UserError as error:
+            problems.append(f"model.pretrained: {error}")
+            return f"{text} (found, not usable)", False
+        return f"{text} (found{', with its model config' if brings_config else ''})", brings_config
+    if is_hub_name(text):
+        try:
+            repo_id(text)
+        except UserError as error:
+            problems.append(f"model.pretrained: {error}")
+        return f"{text}, {fetched}", False
+    if get_pretrained_cfg(model.name, text):
+        return f"{text}, an open_clip tag of {model.name}, {fetched}", False
+    tags = open_clip.list_pretrained_tags_by_model(model.name)
+    problems.append(f"model.pretrained: {text} is not a file or folder, an open_clip tag of {model.name!r} "
+                    f"(its tags: {', '.join(tags) or 'none'}) or an hf-hub:ORG/NAME model")
+    return f"{text} (not found)", False
 
 
 def describe_data(cfg: RunConfig, problems: list[str]) -> list[str]:
@@ -167,18 +246,19 @@ def describe_output(cfg: RunConfig, problems: list[str]) -> list[str]:
     return lines
 
 
-def describe_run(cfg: RunConfig, launch: Launch) -> str:
+def describe_run(cfg: RunConfig, launch: Launch) -> DryRun:
     """The full dry-run report of ``mmggem train``: the resolved config, then what would run."""
     problems: list[str] = []
-    lines = [*describe_training(cfg, launch, problems), *describe_data(cfg, problems),
-             *describe_output(cfg, problems)]
-    return "\n".join([config_yaml(cfg).rstrip(), "", "dry run: nothing is built, trained or written", *lines,
-                      *problem_lines(problems)])
+    lines = [*describe_training(cfg, launch, problems), *describe_model(cfg, problems),
+             *describe_trackers(cfg, problems), *describe_data(cfg, problems), *describe_output(cfg, problems)]
+    return conclude([config_yaml(cfg).rstrip(), "", "dry run: nothing is built, trained or written", *lines],
+                    problems)
 
 
-def problem_lines(problems: Sequence[str]) -> list[str]:
-    """The closing lines: that a real run would start, or what it would stop on."""
+def conclude(lines: Sequence[str], problems: Sequence[str]) -> DryRun:
+    """``lines`` closed by what a real run would do: start, or stop on each of ``problems``."""
     if not problems:
-        return ["a real run would start"]
-    return [f"a real run would stop on {len(problems)} problem(s) as things stand:",
-            *(f"  - {problem}" for problem in problems)]
+        return DryRun("\n".join([*lines, "a real run would start"]), ())
+    closing = [f"a real run would stop on {len(problems)} problem(s) as things stand "
+               f"(so this dry run exits {UsageError.exit_code}):", *(f"  - {problem}" for problem in problems)]
+    return DryRun("\n".join([*lines, *closing]), tuple(problems))
