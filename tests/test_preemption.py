@@ -207,6 +207,32 @@ def test_a_stalled_shard_is_named_and_a_signal_still_stops_cleanly(train_shards:
     assert assert_stopped_with_checkpoint(out, job.finish(), job.output()) == 5
 
 
+def test_a_stop_right_after_a_save_or_a_resume_does_not_write_the_step_again(train_shards: str, tmp_path: Path,
+                                                                            jobs: list[Job]) -> None:
+    """A shard whose 40 samples (5 batches) arrive, then its `pipe:` command hangs, in an epoch of 80: step 5 is
+    saved (train.checkpoint_every=5) and the wait for batch 6 never ends. A SIGTERM then stops the run without
+    writing step 5 again; so does one after a resume from it (which re-reads the shard to its position and
+    waits for the same batch)."""
+    shard = train_shards.replace("{000000..000003}", "000000")
+    url = f"pipe:cat {shard}; trap '' TERM INT USR1; sleep 600"
+    out = tmp_path / "run"
+    args = train_args(url, out, *LONG, "data.num_samples=80", "data.shuffle_buffer=0", "train.checkpoint_every=5",
+                      "data.stall_warn_s=1")
+    checkpoint = out / "checkpoints" / "step_00000005"
+    for attempt, resume in enumerate([(), ("train.resume=latest",)]):
+        job = one_process_job([*args, *resume], tmp_path / f"log{attempt}.txt", jobs)
+        if resume:  # the stall warning comes from inside the training loop, where the stop signals are caught
+            job.wait_for(lambda: "WARNING: rank 0: no batch for" in job.output(), "the wait after the resume")
+        else:
+            job.wait_for(checkpoint.is_dir, "the checkpoint of step 5")
+        written = (checkpoint / "manifest.json").stat()
+        os.killpg(job.group, signal.SIGTERM)
+        assert assert_stopped_with_checkpoint(out, job.finish(), job.output()) == 5
+        assert f"stopped at step 5 (signal); step 5 is already saved in {checkpoint}\n" in job.output()
+        again = (checkpoint / "manifest.json").stat()
+        assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+
 # The final export made slow: a stand-in save_model that says so, then sleeps before the real export.
 SLOW_EXPORT = """
 import sys, time

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..checkpoint.store import (CheckpointDiskFull, list_checkpoints, load_checkpoint, read_data_states, resolve_resume,
-                                save_checkpoint)
+                                save_checkpoint, step_dir)
 from ..config.model import model_from_config
 from ..config.run import RunConfig, parse_duration, save_config, to_dict
 from ..data.device import DeviceNormalizer, split_transform, to_device
@@ -222,9 +222,11 @@ def _start_run(cfg: RunConfig) -> _Run:
     run_log.note({"run/precision": accelerator.mixed_precision})
     if approximate:
         run_log.log({"data/resumed_approximately": 1}, state.step)
+    in_output_dir = resume_from is not None and resume_from.resolve() == step_dir(output_dir, state.step).resolve()
     return _Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=loss_fn, loader=loader, normalizer=DeviceNormalizer(normalization, accelerator.device),
-                tokenizer=tokenizer, run_log=run_log, stop=stop, state=state)
+                tokenizer=tokenizer, run_log=run_log, stop=stop, state=state,
+                saved=step_dir(output_dir, state.step) if in_output_dir else None)
 
 
 @dataclass
@@ -243,6 +245,7 @@ class _Run:
     run_log: RunLog
     stop: StopControl
     state: TrainState
+    saved: Path | None = None  # the checkpoint in OUTPUT_DIR/checkpoints of the step last resumed from or saved
 
     @contextmanager
     def training(self) -> Iterator[None]:
@@ -319,12 +322,18 @@ class _Run:
 
     def _stop(self, outcome: TrainOutcome, stopped_by: str, nonfinite: NonFiniteSteps, timer: StepTimer,
               read_counters: bool = True) -> TrainOutcome:
-        """End the loop early: checkpoint the last completed step and say why it stopped."""
+        """End the loop early: checkpoint the last completed step (unless that is the checkpoint just resumed
+        from or saved) and say why it stopped."""
         if read_counters:
             self._read_nonfinite(nonfinite)
-        with timer.paused():
-            outcome.checkpoint = self._save()
-        self.accelerator.print(f"stopped at step {self.state.step} ({stopped_by}); checkpoint {outcome.checkpoint}")
+        step = self.state.step
+        if self.saved == step_dir(self.cfg.output_dir, step):
+            outcome.checkpoint, saved = self.saved, f"step {step} is already saved in {self.saved}"
+        else:
+            with timer.paused():
+                outcome.checkpoint = self._save()
+            saved = f"checkpoint {outcome.checkpoint}"
+        self.accelerator.print(f"stopped at step {step} ({stopped_by}); {saved}")
         outcome.step, outcome.stopped_by = self.state.step, stopped_by
         return outcome
 
@@ -376,8 +385,10 @@ class _Run:
                 f"{counts.last_step}); last good checkpoint: {kept[-1] if kept else 'none'}")
 
     def _save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.cfg.output_dir, self.state.step, vars(self.state),
-                               self.loader.state_dict(), self.scheduler.state_dict(), self.cfg.train.keep_checkpoints)
+        self.saved = save_checkpoint(self.accelerator, self.cfg.output_dir, self.state.step, vars(self.state),
+                                     self.loader.state_dict(), self.scheduler.state_dict(),
+                                     self.cfg.train.keep_checkpoints)
+        return self.saved
 
     def _disk_full(self, outcome: TrainOutcome, error: CheckpointDiskFull) -> TrainOutcome:
         """The run cannot checkpoint: say so in one line (on stderr, as the CLI's errors) and stop."""
