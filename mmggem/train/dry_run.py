@@ -14,7 +14,6 @@ exits with a usage error's status (2), so it can gate a job; 0 when a real run w
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..model.clip import check_buildable, model_config
 from ..model.hub import is_hub_name, repo_id
 from ..model.pretrained import resolve_pretrained
 from .precision import effective_precision, precision_line
-from .tracking import TENSORBOARD_DIR
+from .tracking import TENSORBOARD_DIR, require_tensorboard
 
 _TRUE = ("1", "true", "yes", "y", "t", "on")  # accelerate's spelling of a set flag (accelerate.utils.str_to_bool)
 
@@ -140,10 +139,9 @@ def describe_trackers(cfg: RunConfig, problems: list[str]) -> list[str]:
     if not cfg.log.tensorboard:
         return []
     try:
-        importlib.import_module("tensorboard")
-    except ImportError as error:
-        problems.append(f"log.tensorboard=true, but the tensorboard package does not import ({error}): "
-                        "pip install tensorboard")
+        require_tensorboard()
+    except UserError as error:
+        problems.append(str(error))
     return [f"tensorboard: on, into the run folder's {TENSORBOARD_DIR}/"]
 
 

@@ -11,6 +11,7 @@ the rest of the run: it never stops training. Only the main process writes.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -58,16 +59,21 @@ def record_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def require_tensorboard() -> None:
+    """Import the tensorboard package, which torch's SummaryWriter needs, or say how to install it."""
+    try:
+        importlib.import_module("tensorboard")
+    except ImportError as error:
+        raise UserError(f"log.tensorboard=true, but the tensorboard package does not import ({error}): pip "
+                        "install tensorboard (or the repository's extra: pip install -e '.[tensorboard]')") from None
+
+
 def trackers(wandb_mode: str, tensorboard: bool, output_dir: Path) -> list[str | GeneralTracker] | None:
     """accelerate's ``log_with`` for the run: ``"wandb"`` and a TensorBoard tracker on ``OUTPUT_DIR/tensorboard``
     (None for neither: accelerate warns about an empty list)."""
     chosen: list[str | GeneralTracker] = ["wandb"] if wandb_mode != "off" else []
     if tensorboard:
-        try:
-            import tensorboard as _  # noqa: F401 - torch's SummaryWriter needs it
-        except ImportError:
-            raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                            "(or the repository's extra: pip install -e '.[tensorboard]')") from None
+        require_tensorboard()
         chosen.append(TensorBoardTracker(TENSORBOARD_DIR, output_dir))
     return chosen or None
 
