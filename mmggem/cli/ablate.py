@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument("--dry-run", action="store_true",
                        help="check the config and every arm's overrides, print the planned runs (arm, seed, "
-                            "folder, finished, resumable or new) and exit without training")
+                            "folder, finished, resumable or new) and exit without training: 2 when it lists a "
+                            "problem a run would stop on, 0 when none")
     stage.add_argument("--report", action="store_true",
                        help="train nothing: write the tables from the runs finished so far, an interim look at a "
                             "long ablation (the tables then say how many runs they cover and name the others)")
