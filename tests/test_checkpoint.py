@@ -414,3 +414,15 @@ def test_saving_a_step_again_never_deletes_it_before_its_successor_is_in_place(
     assert len(kept) == 1 and verify_manifest(kept[0]), "the saved checkpoint was deleted before the rename"
     assert save(accelerator, run, 2, marker="third") == first and verify_manifest(first)
     assert json.loads((first / STATE_FILE).read_text())["marker"] == "third"
+
+
+def test_a_resume_into_another_model_is_refused_and_the_run_config_kept(train_shards: str, run_copy: Path) -> None:
+    """The LayerNorm after the pool has the same parameters as before it: the weights would load and the
+    run would go on training another model under the old run's name."""
+    saved = (run_copy / "config.yaml").read_text()
+    result = ok(resume(train_shards, run_copy, "model.final_ln_after_pool=true"), code=1)
+    [line] = result.stderr.strip().splitlines()
+    assert line == (f"mmggem train: error: {step(run_copy, 4)} was trained as another model "
+                    f"(model.final_ln_after_pool False -> True; its run config: {run_copy / 'config.yaml'}): "
+                    "resume it with its run's model settings, or give the new run its own output_dir")
+    assert (run_copy / "config.yaml").read_text() == saved

@@ -18,20 +18,21 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from torch import nn
 
 from ..config.model import model_from_config
-from ..config.run import load_config
+from ..config.run import ModelConfig, load_config
 from ..errors import MissingPathError, UserError
 from ..model.clip import get_tokenizer, image_transform, load
 from ..model.hub import CONFIG_FILE
 from .manifest import CheckpointDamaged, verify_manifest
-from .restore import read_json
+from .restore import one_line, read_json
 from .store import STATE_FILE, list_checkpoints, unverified_message
 
 RUN_CONFIG = "config.yaml"
@@ -108,6 +109,35 @@ def locate(path: str | Path, suggest_all_checkpoints: bool = True) -> ModelSourc
                         + (", or --all-checkpoints" if suggest_all_checkpoints else ""))
     raise MissingPathError(f"{path} is not an mmggem model folder ({CONFIG_FILE}), run folder ({RUN_CONFIG}) or "
                            f"checkpoint ({STATE_FILE})")
+
+
+MODEL_DEFINING = ("name", "pooling", "pooling_kwargs", "text_tower", "final_ln_after_pool")
+"""The ``model.*`` keys that decide the function a run's weights compute."""
+
+
+def check_resumes_same_model(checkpoint: Path | None, model: ModelConfig) -> None:
+    """Refuse to resume ``checkpoint`` (None: a new run) into a model its run did not train.
+
+    Weights load into any architecture whose parameters have the same shapes: cls and avg pooling, the
+    LayerNorm before or after the pool, another text tower of the same size. A run resumed with
+    another ``model.pooling`` (say, a command reusing an output_dir that resumes from ``latest``) would
+    go on training something else under the old run's name, so the :data:`MODEL_DEFINING` keys must
+    equal those of the run config beside the checkpoint; a checkpoint without one is not checked.
+    ``model.pretrained`` is not compared: it only gives the starting weights, and its file may move.
+    """
+    saved_path = checkpoint.parent.parent / RUN_CONFIG if checkpoint is not None else None
+    if saved_path is None or not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{saved_path}: not valid YAML ({one_line(error)})") from None
+    was, now = saved.get("model") or {}, asdict(model)
+    changed = [f"model.{key} {was[key]!r} -> {now[key]!r}" for key in MODEL_DEFINING if was.get(key, now[key]) != now[key]]
+    if changed:
+        raise UserError(f"{checkpoint} was trained as another model ({'; '.join(changed)}; its run config: "
+                        f"{saved_path}): resume it with its run's model settings, or give the new run its "
+                        "own output_dir")
 
 
 def run_checkpoints(run_dir: str | Path) -> list[ModelSource]:

@@ -27,6 +27,7 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from ..errors import ConfigError, UserError
+from ..fileio import write_text_atomic
 from ..mappings import deep_merge
 from ..model.pooling import POOLER_NAMES, check_pooler_options
 from ..model.transforms import validate_augment
@@ -304,5 +305,5 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a kill mid-write leaves the previous file)."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

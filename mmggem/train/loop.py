@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..checkpoint.runs import check_resumes_same_model
 from ..checkpoint.store import (CheckpointDiskFull, list_checkpoints, load_checkpoint, read_data_states, resolve_resume,
                                 save_checkpoint, step_dir)
 from ..config.model import model_from_config
@@ -172,6 +173,7 @@ def _start_run(cfg: RunConfig) -> _Run:
         torch.set_num_threads(cfg.train.threads)
     configure_matmul_precision(accelerator.device, cfg.train.tf32)
     resume_from = resolve_resume(accelerator, output_dir, cfg.train.resume)
+    check_resumes_same_model(resume_from, cfg.model)  # every process reads the same file: all stop or none
     cfg = replace(cfg, train=replace(cfg.train, precision=accelerator.mixed_precision))  # the one in effect
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
