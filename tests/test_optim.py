@@ -201,3 +201,33 @@ def test_a_resume_with_more_steps_follows_the_new_schedule(tmp_path: Path, capsy
     used = _train(model, optimizer, scheduler, range(10, 20))
     assert used == pytest.approx([1e-2 * WarmupCosine(2, 20)(step) for step in range(10, 20)], rel=1e-12)
     assert min(used) > 0
+
+
+def test_a_resume_with_other_optimizer_settings_follows_the_config(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The checkpoint's optimizer state holds its groups' weight decay and betas: they give way to the
+    current config's, with one line naming them, while the moments carry over."""
+    def build(weight_decay: float, betas: tuple[float, float]) -> tuple:
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+        optimizer = build_optimizer(model, lr=1e-2, weight_decay=weight_decay, betas=betas)
+        scheduler = cosine_schedule(optimizer, warmup_steps=2, total_steps=10)
+        return *accelerator.prepare(model, optimizer), scheduler, accelerator
+
+    model, optimizer, scheduler, accelerator = build(0.1, (0.9, 0.98))
+    _train(model, optimizer, scheduler, range(5))
+    moments = {k: v["exp_avg"].clone() for k, v in enumerate(optimizer.state_dict()["state"].values())}
+    saved = save_checkpoint(accelerator, tmp_path, 5, {}, {}, scheduler.state_dict(), keep=1)
+    capsys.readouterr()
+    model, optimizer, scheduler, accelerator = build(0.1, (0.9, 0.98))
+    load_checkpoint(accelerator, saved, scheduler)
+    assert "follows the config" not in capsys.readouterr().out
+    model, optimizer, scheduler, accelerator = build(0.2, (0.9, 0.95))
+    load_checkpoint(accelerator, saved, scheduler)
+    assert ("the optimizer follows the config: betas (0.9, 0.98) -> (0.9, 0.95), weight_decay 0.1 -> 0.2\n"
+            in capsys.readouterr().out)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.2]
+    assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
+    for k, v in enumerate(optimizer.state_dict()["state"].values()):
+        assert torch.equal(v["exp_avg"], moments[k])

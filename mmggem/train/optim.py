@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from accelerate import PartialState
 from torch import nn
 
 from ..model.pooling import project_exponents
@@ -90,7 +91,37 @@ def build_optimizer(
         group["lr"] = lr * group["lr_mult"]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     optimizer.register_step_post_hook(lambda *_: project_exponents(model))
+    optimizer.register_load_state_dict_post_hook(_follows_config(optimizer))
     return optimizer
+
+
+_SCHEDULED = ("params", "lr", "initial_lr")  # the parameters, and what the learning-rate schedule sets
+
+
+def _follows_config(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer], None]:
+    """A hook that, after a checkpoint's optimizer state is loaded, puts back each group's settings
+    (weight decay, betas, eps, lr multiplier) as the current config built them, naming each change.
+
+    ``Optimizer.load_state_dict`` restores the saved groups' settings with the moments, so a resume
+    with another ``train.weight_decay`` or ``train.betas`` would otherwise keep the old ones silently.
+    """
+    configured = [{k: v for k, v in group.items() if k not in _SCHEDULED} for group in optimizer.param_groups]
+
+    def follow(loaded: torch.optim.Optimizer) -> None:
+        changed: set[str] = set()
+        for group, settings in zip(loaded.param_groups, configured):
+            changed.update(f"{key} {group.get(key)!r} -> {value!r}" for key, value in settings.items()
+                           if _plain(group.get(key)) != _plain(value))
+            group.update(settings)
+        if changed:
+            PartialState().print(f"the optimizer follows the config: {', '.join(sorted(changed))}")
+
+    return follow
+
+
+def _plain(value: Any) -> Any:
+    """A setting as compared: a state loaded through another route may hold a tuple as a list."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass
