@@ -7,6 +7,7 @@ placed in huggingface_hub's cache layout, loads as ``hf-hub:ORG/NAME``.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -98,15 +99,22 @@ def test_export_refuses_a_folder_that_is_not_empty(checkpointed_run: Path, tmp_p
 
 
 def test_export_names_the_line_of_a_damaged_results_log(checkpointed_run: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
+                                                        capsys: pytest.CaptureFixture,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged line inside the log is named; a last line cut short by a crash is dropped with a warning
+    (a resume would drop it too), and the export goes on without it."""
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
-    with open(run / "results.jsonl", "a") as log:
-        log.write('{"step": 4, "eval/\n')  # a line cut short by a crash
-    lines = len((run / "results.jsonl").read_text().splitlines())
+    intact = (run / "results.jsonl").read_text()
+    lines = intact.splitlines()
+    (run / "results.jsonl").write_text("\n".join([*lines[:-1], '{"step": 4, "eval/', lines[-1]]) + "\n")
     assert cli_main(["export", str(run), str(tmp_path / "out")]) == 1
-    assert f"{run / 'results.jsonl'}, line {lines}: not a JSON object" in capsys.readouterr().err
+    assert f"{run / 'results.jsonl'}, line {len(lines)}: not a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (run / "results.jsonl").write_text(intact + '{"step": 4, "eval/')  # a crash in the middle of an append
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert f"{run / 'results.jsonl'}, line {len(lines) + 1}: a record cut short" in caplog.text
 
 
 def test_a_checkpoint_changed_after_it_was_written_is_refused_by_export_and_eval(
