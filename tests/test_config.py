@@ -207,11 +207,14 @@ def test_string_overrides_keep_braces_hashes_and_colons_as_typed(capsys: pytest.
     pattern = Path(train_shards).name
     assert pattern.startswith("{")
     code = cli_main(["train", "--dry-run", str(CONFIGS / "demo.yaml"), f"data.train={pattern}", "log.run_name=ggem #3",
-                     "log.notes=lr sweep: 1e-3", "log.wandb=off", "eval.datasets=[]", f"output_dir={tmp_path / 'run'}"])
+                     "log.notes=lr sweep: 1e-3", "log.wandb=off", "log.group='a: b'", "model.pretrained=''",
+                     "eval.datasets=[]", f"output_dir={tmp_path / 'run'}"])
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out.partition("\n\n")[0])
     assert resolved["data"]["train"] == pattern and f"  {pattern}: 4 shard(s)" in out.splitlines()
-    assert resolved["log"] == {**resolved["log"], "run_name": "ggem #3", "notes": "lr sweep: 1e-3", "wandb": "off"}
+    assert resolved["log"] == {**resolved["log"], "run_name": "ggem #3", "notes": "lr sweep: 1e-3", "wandb": "off",
+                               "group": "a: b"}  # a value wholly in quotes is one YAML string, as in a file
+    assert resolved["model"]["pretrained"] == ""
     assert code == 0, out
 
 

@@ -249,15 +249,28 @@ def apply_override(values: dict[str, Any], override: str) -> None:
 
 def _override_value(key: str, raw: str) -> Any:
     """The value of the override ``key=raw``: the text as typed for a string option (shells hand over
-    brace patterns, ``#`` and ``: `` that YAML would read as a mapping or a comment), YAML otherwise."""
+    brace patterns, ``#`` and ``: `` that YAML would read as a mapping or a comment), unless the whole
+    of it is one quoted YAML string (``'a: b'``, ``''``); YAML otherwise."""
     annotation = _declared_type(key.split("."))
-    if not raw or is_text(annotation):
+    if not raw or (is_text(annotation) and not _quoted(raw)):
         return raw
     try:
         return load_yaml(raw)
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{key}: {raw!r} is not valid YAML ({problem}); {how_written(key, annotation)}") from None
+
+
+def _quoted(raw: str) -> bool:
+    """Whether ``raw`` is one YAML string in matching quotes, as a YAML file would write it."""
+    return len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" and isinstance(_yaml_or_none(raw), str)
+
+
+def _yaml_or_none(raw: str) -> Any:
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError:
+        return None
 
 
 def _declared_type(parts: list[str]) -> Any:
