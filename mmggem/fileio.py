@@ -11,6 +11,7 @@ unsynced data on common filesystems).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -45,21 +46,50 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     replace_directory(tmp, out)
 
 
+_REPLACED = ".old-"
+_REPLACED_NAME = re.compile(rf"^\.(?P<target>.+){re.escape(_REPLACED)}[0-9a-f]{{8}}$")
+
+
 def replace_directory(staged: Path, target: Path) -> None:
     """Put the complete folder ``staged`` at ``target`` (a sibling), replacing any folder there, durably.
 
     By renames only: the old ``target`` moves to a hidden ``.NAME.old-XXXXXXXX`` beside it, ``staged``
     takes its name, the parent folder is fsynced, and only then is the old one removed. The old
     content is never deleted before the new is in place: a kill between the two renames leaves it
-    whole under the hidden name. ``staged``'s own files must already be on disk (:func:`fsync_tree`).
+    whole under the hidden name (:func:`recover_replacements` puts it back). ``staged``'s own files must
+    already be on disk (:func:`fsync_tree`).
     """
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
+    old = target.with_name(f".{target.name}{_REPLACED}{uuid.uuid4().hex[:8]}") if target.exists() else None
     if old is not None:
         target.rename(old)
     staged.rename(target)
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def recover_replacements(parent: Path) -> list[str]:
+    """Finish the :func:`replace_directory` calls in ``parent`` that a kill cut short; what was done, in words.
+
+    A hidden ``.NAME.old-XXXXXXXX`` left behind is renamed back to ``NAME`` if the kill came between
+    the two renames (``NAME`` is missing: the old folder is the complete one), or removed if it came
+    after them (``NAME`` is the new folder, complete).
+    """
+    done = []
+    for old in sorted(parent.iterdir()):
+        found = _REPLACED_NAME.match(old.name)
+        if found is None or not old.is_dir():
+            continue
+        target = parent / found["target"]
+        if target.exists():
+            shutil.rmtree(old)
+            done.append(f"removed {old}, the old copy of {target} that a kill left after replacing it")
+        else:
+            old.rename(target)
+            done.append(f"restored {target} from {old}, where a kill left it while replacing it")
+    if done:
+        fsync_dir(parent)
+    return done
 
 
 def fsync_dir(folder: Path) -> None:

@@ -395,7 +395,8 @@ class Killed(BaseException):
 
 
 def test_saving_a_step_again_never_deletes_it_before_its_successor_is_in_place(
-        accelerator: Accelerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        accelerator: Accelerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     first = save(accelerator, run, 2, marker="first")
     rename = os.rename
@@ -412,8 +413,34 @@ def test_saving_a_step_again_never_deletes_it_before_its_successor_is_in_place(
     kept = [p for p in (run / "checkpoints").iterdir() if (p / STATE_FILE).is_file()
             and json.loads((p / STATE_FILE).read_text())["marker"] == "first"]
     assert len(kept) == 1 and verify_manifest(kept[0]), "the saved checkpoint was deleted before the rename"
+    assert resolve_resume(accelerator, run, "latest") == first, "the resume did not put the hidden checkpoint back"
+    assert json.loads((first / STATE_FILE).read_text())["marker"] == "first" and verify_manifest(first)
+    assert f"restored {first} from {kept[0]}" in warnings_in(capsys)[0]
     assert save(accelerator, run, 2, marker="third") == first and verify_manifest(first)
     assert json.loads((first / STATE_FILE).read_text())["marker"] == "third"
+
+
+def test_a_kill_after_a_step_is_saved_again_leaves_an_old_copy_the_next_resume_removes(
+        accelerator: Accelerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    save(accelerator, run, 2, marker="first")
+    rmtree = shutil.rmtree
+
+    def killed_before_the_old_copy_is_removed(path: Path, *args: object, **kwargs: object) -> None:
+        if ".old-" in Path(path).name:
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_before_the_old_copy_is_removed)
+    with pytest.raises(Killed):
+        save(accelerator, run, 2, marker="second")
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert len(list((run / "checkpoints").iterdir())) == 2, "the kill left no old copy to remove"
+    assert resolve_resume(accelerator, run, "latest") == step(run, 2)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    assert json.loads((step(run, 2) / STATE_FILE).read_text())["marker"] == "second"
+    assert "removed" in warnings_in(capsys)[0]
 
 
 def test_a_resume_into_another_model_is_refused_and_the_run_config_kept(train_shards: str, run_copy: Path) -> None:

@@ -12,7 +12,8 @@ Before the rename every file of the partial folder (accelerate's, which it does
 not fsync, included) and the folder itself are fsynced, and ``checkpoints/``
 after it, so a node crash cannot leave ``step_N`` named in place with short
 files. A step saved again replaces its folder by renames (the complete one is
-never deleted before its successor is in place). A write that fails (a full
+never deleted before its successor is in place; a kill between the renames leaves
+it under a hidden name, and the next resume puts it back). A write that fails (a full
 disk above all) removes the partial folder on the spot; a full disk is reported
 as one :class:`CheckpointDiskFull` line naming the filesystem, the bytes needed
 and the bytes free.
@@ -46,7 +47,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from ..errors import UserError
-from ..fileio import describe_filesystem, flush_to_disk, fsync_dir, fsync_tree, mount_point, replace_directory
+from ..fileio import (describe_filesystem, flush_to_disk, fsync_dir, fsync_tree, mount_point, recover_replacements,
+                      replace_directory)
 from .manifest import CheckpointDamaged, verify_manifest, write_manifest
 from .restore import (SCHEDULER_FILE, accelerate_view, check_readable, one_line, read_json, restore_rng,
                       restore_scheduler)
@@ -121,14 +123,17 @@ def _choose(output_dir: str | Path, resume: str) -> tuple[Path | None, list[str]
 def resolve_resume(accelerator: Accelerator, output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from (collective): ``latest`` (None if the run has none), a path, or None for ``''``.
 
-    The main process verifies it against its manifest (hashing each file once, not once per process),
+    The main process first puts back a checkpoint a kill left hidden (:func:`_recover_interrupted_saves`),
+    verifies the chosen one against its manifest (hashing each file once, not once per process),
     moves this run's checkpoints newer than it aside (:func:`_set_aside_newer`), prints a warning for
     each checkpoint passed over or moved and shares the choice, or the error, with all.
     """
     shared: list[Any] = [None]
     if accelerator.is_main_process:
         try:
-            path, warnings = _choose(output_dir, resume)
+            warnings = _recover_interrupted_saves(output_dir)
+            path, more = _choose(output_dir, resume)
+            warnings += more
             if path is not None:
                 warnings += _set_aside_newer(output_dir, path)
             for warning in warnings:
@@ -140,6 +145,12 @@ def resolve_resume(accelerator: Accelerator, output_dir: str | Path, resume: str
     if kind == "error":
         raise UserError(value)
     return Path(value) if value else None
+
+
+def _recover_interrupted_saves(output_dir: str | Path) -> list[str]:
+    """Put back a checkpoint that a kill left hidden while the same step was saved again (the warnings)."""
+    root = checkpoint_dir(output_dir)
+    return recover_replacements(root) if root.is_dir() else []
 
 
 def _saved_step(checkpoint: Path) -> int:
