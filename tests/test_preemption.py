@@ -252,7 +252,8 @@ sys.exit(main())
 def test_a_signal_during_the_final_export_stops_the_process(train_shards: str, tmp_path: Path,
                                                             jobs: list[Job]) -> None:
     """Training is over and its last step saved: the stop signals are no longer caught, so a SIGTERM ends the
-    process at once (it was noted and ignored until the export had finished, and the run exited 0)."""
+    process at once (it was noted and ignored until the export had finished, and the run exited 0). The next
+    start with train.resume=latest trains nothing and evaluates and exports."""
     out = tmp_path / "run"
     job = Job([[PYTHON, "-c", SLOW_EXPORT, *train_args(train_shards, out, "train.steps=2")]], [cpu_env()],
               tmp_path / "log.txt", jobs)
@@ -261,6 +262,9 @@ def test_a_signal_during_the_final_export_stops_the_process(train_shards: str, t
     assert job.finish(timeout=60) == [-signal.SIGTERM], job.output()[-3000:]
     assert verify_manifest(out / "checkpoints" / "step_00000002") and not (out / "final").exists()
     assert "stopped at step" not in job.output()
+    resumed = ok(run_cli(*train_args(train_shards, out, "train.steps=2", "train.resume=latest")))
+    assert (out / "final" / "open_clip_config.json").is_file() and [r["step"] for r in records(out)] == [1, 2]
+    assert f"trained 2 steps; model saved to {out / 'final'}" in resumed.stdout
 
 
 # The full disk, as torch's writer meets it: a stand-in torch.save that writes part of a file of the
