@@ -8,7 +8,8 @@ With ``scores = text features @ image features.T`` (both normalised, as
 - ``text_retrieval_recall@k`` (image to text): the fraction of images with at least
   one of their own captions among the ``k`` best-scoring captions for that image.
 
-An image with no caption stays a candidate and counts as a miss, as in CLIP_benchmark.
+An image whose caption file is empty stays a candidate and counts as a miss, as in
+CLIP_benchmark (a sample with no caption file at all is skipped and counted when the set is read).
 A recall@k is left out when there are fewer than ``k`` candidates to rank (CLIP_benchmark
 would fail there). The top-k ranking is ``torch.topk`` on the same score matrix, so ties
 break as CLIP_benchmark's do.
