@@ -2,8 +2,10 @@
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import subprocess
 
@@ -77,6 +79,74 @@ def finished_run(out: Path, pooling: str, seed: int, recall: float, exponents: t
               for step in (5, 10)]
     lines = [{"train/loss": 1.0}, *(p_logs if exponents else []), {"eval/flickr/text_retrieval_recall@1": recall}]
     (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def log(out: Path, pooling: str, seed: int, record: dict[str, float]) -> None:
+    """Append ``record`` to a finished run's results, as a later logged step."""
+    with open(out / pooling / f"seed_{seed}" / "results.jsonl", "a") as results:
+        results.write(json.dumps(record) + "\n")
+
+
+def summarised(out: Path, arms: list[str], seeds: int,
+               baselines: Sequence[str] = ()) -> dict[tuple[str, str, str], dict]:
+    """Write the summary of the finished runs of ``arms`` under ``out``; its CSV rows by (pooling, metric, baseline)."""
+    from mmggem.experiments.ablation import Arm, plan_runs
+    from mmggem.experiments.summary import write_summary
+
+    write_summary([r for r in plan_runs(out, [Arm(a, a) for a in arms], seeds) if r.finished], out, baselines)
+    return {(r["pooling"], r["metric"], r["baseline"]): r for r in csv.DictReader(open(out / "ablation.csv"))}
+
+
+def test_report_shows_missing_values_single_seeds_and_nan_values_as_such(tmp_path: Path) -> None:
+    for seed, recall in enumerate((0.20, 0.30, math.nan)):  # seed 2 diverged
+        finished_run(tmp_path, "avg", seed, recall)
+    for seed, recall in enumerate((0.25, 0.36, 0.40)):
+        finished_run(tmp_path, "gem", seed, recall)
+        log(tmp_path, "gem", seed, {"eval/coco/text_retrieval_recall@1": 0.1 * (seed + 1)})  # only gem has coco
+    finished_run(tmp_path, "ggem", 0, 0.50)
+    rows = summarised(tmp_path, ["avg", "gem", "ggem"], 3, ["avg"])
+
+    fields = ("mean", "std", "seeds", "diff_mean", "paired_seeds")
+    flickr, coco = "flickr/text_retrieval_recall@1", "coco/text_retrieval_recall@1"
+    assert [rows["avg", flickr, ""][f] for f in fields[:3]] == ["0.250000", f"{statistics.stdev([0.2, 0.3]):.6f}", "2"]
+    assert [rows["avg", coco, ""][f] for f in fields] == ["", "", "0", "", ""]  # no value: empty, as no difference is
+    assert [rows["ggem", flickr, "avg"][f] for f in fields] == ["0.500000", "nan", "1", "0.300000", "1"]
+    assert [rows["ggem", coco, "avg"][f] for f in fields] == ["", "", "0", "", ""]
+    assert [rows["gem", flickr, "avg"][f] for f in fields[2:]] == ["3", "0.055000", "2"]  # seed 2 of avg is NaN
+    assert [rows["gem", coco, "avg"][f] for f in fields] == ["0.200000", "0.100000", "3", "", ""]
+    markdown = (tmp_path / "ablation.md").read_text()
+    assert ("**NaN, left out of every mean, spread and difference below: avg seed 2 "
+            "flickr/text_retrieval_recall@1.**") in markdown
+    assert "| avg | - | 25.00 ± 7.07 (n=2) |" in markdown and "| ggem | - | 50.00 ± - (n=1) |" in markdown
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_arm_without_a_common_seed_names_each_baseline_it_is_not_paired_with(tmp_path: Path) -> None:
+    finished_run(tmp_path, "avg", 0, 0.20)
+    finished_run(tmp_path, "max", 0, 0.30)
+    finished_run(tmp_path, "gem", 1, 0.40)  # no seed in common with either baseline
+    rows = summarised(tmp_path, ["avg", "max", "gem"], 2, ["avg", "max"])
+    assert [(pooling, baseline, row["diff_mean"]) for (pooling, _, baseline), row in rows.items()] == [
+        ("avg", "", ""), ("avg", "max", "-0.100000"), ("max", "avg", "0.100000"), ("max", "", ""),
+        ("gem", "avg", ""), ("gem", "max", "")]
+
+
+def test_report_files_are_replaced_whole_never_rewritten_in_place(tmp_path: Path) -> None:
+    """A reader that opened the old files (a hard link here) keeps them whole while the report is written
+    anew: each new file is written beside its target and renamed into place."""
+    finished_run(tmp_path, "gem", 0, 0.20, (3.5,))
+    finished_run(tmp_path, "gem", 1, 0.30, (3.6,))
+    summarised(tmp_path, ["gem"], 2)
+    names = ("ablation.md", "ablation.csv", "ablation.png", "ablation_p.png")
+    before = {name: (tmp_path / name).read_bytes() for name in names}
+    for name in names:
+        os.link(tmp_path / name, tmp_path / f"reader-{name}")
+    log(tmp_path, "gem", 1, {"step": 20, "train/pool_p/group_0": 4.0, "eval/flickr/text_retrieval_recall@1": 0.5})
+    summarised(tmp_path, ["gem"], 2)
+    for name in names:
+        assert (tmp_path / name).read_bytes() != before[name], name  # the new report
+        assert (tmp_path / f"reader-{name}").read_bytes() == before[name], name  # the old file, untouched
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
 def test_paired_differences_to_each_baseline_with_intervals_and_notes(tmp_path: Path) -> None:
@@ -185,7 +255,7 @@ def test_report_tabulates_the_finished_runs_and_names_the_others(tmp_path: Path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     markdown = (out / "ablation.md").read_text()
     assert markdown.startswith("**Interim: 3 of 4 planned runs finished; not yet ggem seed 1. ")
-    assert "| gem | 25.00 ± 7.07 (n=2) |" in markdown and "| ggem | 25.00 ± 0.00 (n=1) |" in markdown
+    assert "| gem | 25.00 ± 7.07 (n=2) |" in markdown and "| ggem | 25.00 ± - (n=1) |" in markdown  # no spread
     assert "| ggem | +5.00 (n=1, no interval) |" in markdown  # paired on seed 0, the one pair there is
     assert not (out / "ggem" / "seed_1" / "results.jsonl").exists()  # --report trains nothing
     assert (out / "ablation_p.png").is_file() and markdown in result.stdout

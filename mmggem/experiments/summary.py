@@ -11,12 +11,15 @@ Markdown, the whole course of training in ``ablation_p.png``.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..fileio import write_bytes_atomic, write_text_atomic
 from ..train.records import PTrajectory, p_trajectory, read_records
 from ..train.tracking import RESULTS_FILE
 from .ablation import AblationRun
@@ -59,34 +62,49 @@ def summary_columns(metrics: list[dict[str, float]], names: Sequence[str] = SUMM
 Differences = dict[str, dict[str, PairedDifference | None]]  # arm -> column -> difference to one baseline
 
 
+Cell = tuple[float, float, int]
+"""(mean, sample standard deviation, n) of one arm's values over its seeds: the mean is nan for n = 0 (the arm
+logged no value) and the standard deviation for n < 2 (one value has no spread)."""
+
+
 @dataclass
 class Summary:
     columns: list[str]
-    rows: dict[str, dict[str, tuple[float, float, int]]]  # arm -> column -> (mean, std, n)
+    rows: dict[str, dict[str, Cell]]  # arm -> column -> its cell
     differences: dict[str, Differences]  # baseline arm -> its comparisons (empty without baselines)
     exponents: dict[tuple[str, int], PTrajectory]  # (arm, seed) -> p over training, for learned exponents
+    not_a_number: list[tuple[str, int, str]]  # (arm, seed, column) of the NaN values left out of rows and differences
+
+
+def cell(values: Sequence[float]) -> Cell:
+    """The mean, sample standard deviation and count of ``values`` (nan where they do not exist)."""
+    mean = statistics.fmean(values) if values else math.nan
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
 def summarise(runs: list[AblationRun], baselines: Sequence[str] = (),
               metrics: Sequence[str] = SUMMARY_METRICS) -> Summary:
+    """Every arm's cell per column and its paired differences to each baseline, over the runs' values that
+    are numbers: a NaN value (a diverged run, a constant probe) is left out and listed in ``not_a_number``."""
     unrun = [base for base in baselines if base not in {run.name for run in runs}]
     if unrun:
         raise UserError(f"baseline {', '.join(unrun)} has no finished run to compare with")
     per_run = {run: final_metrics(run, metrics) for run in runs}
     columns = summary_columns(list(per_run.values()), metrics)
-    rows: dict[str, dict[str, tuple[float, float, int]]] = {}
+    not_a_number = [(run.name, run.seed, c) for run, m in per_run.items() for c in columns
+                    if c in m and math.isnan(m[c])]
+    rows: dict[str, dict[str, Cell]] = {}
     by_seed: dict[str, dict[str, dict[int, float]]] = {}  # arm -> column -> seed -> value
     for arm in dict.fromkeys(run.name for run in runs):
         rows[arm], by_seed[arm] = {}, {}
         for column in columns:
-            by_seed[arm][column] = {r.seed: m[column] for r, m in per_run.items() if r.name == arm and column in m}
-            values = list(by_seed[arm][column].values())
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            rows[arm][column] = (statistics.fmean(values), spread, len(values))
+            by_seed[arm][column] = {r.seed: m[column] for r, m in per_run.items()
+                                    if r.name == arm and column in m and not math.isnan(m[column])}
+            rows[arm][column] = cell(list(by_seed[arm][column].values()))
     differences = {base: {arm: {c: paired_difference(by_seed[arm][c], by_seed[base][c]) for c in columns}
                           for arm in rows if arm != base}
                    for base in baselines}
-    return Summary(columns, rows, differences, learned_exponents(runs))
+    return Summary(columns, rows, differences, learned_exponents(runs), not_a_number)
 
 
 def learned_exponents(runs: list[AblationRun]) -> dict[tuple[str, int], PTrajectory]:
@@ -114,14 +132,30 @@ def interim_note(summarised: int, missing: Sequence[AblationRun]) -> str:
             "Every value below covers the finished runs only.")
 
 
+def format_cell(value: Cell) -> str:
+    """``50.00 ± 1.23 (n=3)`` in %, ``50.00 ± - (n=1)`` for one seed, ``-`` for none."""
+    mean, std, n = value
+    if n == 0:
+        return "-"
+    return f"{100 * mean:.2f} ± {'-' if n < 2 else f'{100 * std:.2f}'} (n={n})"
+
+
+def nan_note(not_a_number: Sequence[tuple[str, int, str]]) -> str:
+    """The line that names the NaN values left out of the tables ('' when there are none)."""
+    if not not_a_number:
+        return ""
+    named = ", ".join(f"{arm} seed {seed} {_label(column)}" for arm, seed, column in not_a_number)
+    return f"NaN, left out of every mean, spread and difference below: {named}."
+
+
 def write_markdown(summary: Summary, path: Path, interim: str = "") -> None:
     header = "| pooling | " + " | ".join(_label(c) for c in summary.columns) + " |"
     rule = "|" + " --- |" * (len(summary.columns) + 1)
-    lines = [f"**{interim}**", "", header, rule] if interim else [header, rule]
+    lines = [line for note in (interim, nan_note(summary.not_a_number)) if note for line in (f"**{note}**", "")]
+    lines += [header, rule]
     for arm, cells in summary.rows.items():
-        values = [f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" for m, s, n in (cells[c] for c in summary.columns)]
-        lines.append(f"| {arm} | " + " | ".join(values) + " |")
-    lines += ["", "Values in %, mean ± sample standard deviation over seeds."]
+        lines.append(f"| {arm} | " + " | ".join(format_cell(cells[c]) for c in summary.columns) + " |")
+    lines += ["", "Values in %, mean ± sample standard deviation over seeds (- where a seed or none gives none)."]
     if any(c.endswith("/" + HEAD_DEPENDENCE) for c in summary.columns):
         lines += ["", f"{HEAD_DEPENDENCE}: the mean absolute correlation, over the set's images, between pooled "
                   "channels of different attention heads, x 100 (lower: the heads' channels are less dependent)."]
@@ -146,23 +180,28 @@ def write_markdown(summary: Summary, path: Path, interim: str = "") -> None:
         for (arm, seed), trajectory in summary.exponents.items():
             cells = [f"{p:.3f}" for p in trajectory.p[-1]] + [""] * (groups - trajectory.groups)  # gem has one
             lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_csv(summary: Summary, path: Path) -> None:
-    """One row per arm, metric and baseline (one row with empty paired fields without baselines)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["pooling", "metric", "mean", "std", "seeds",
-                         "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds", "diff_detectable"])
-        for arm, cells in summary.rows.items():
-            for column in summary.columns:
-                mean, std, n = cells[column]
-                for baseline in summary.differences or [None]:
-                    diff = summary.differences[baseline].get(arm, {}).get(column) if baseline else None
-                    paired = ([baseline, f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds,
-                               f"{diff.detectable:.6f}"] if diff is not None else ["", "", "", "", "", ""])
-                    writer.writerow([arm, _label(column), f"{mean:.6f}", f"{std:.6f}", n, *paired])
+    """One row per arm, metric and baseline (one row with empty paired fields without baselines); a baseline's
+    own row has an empty ``baseline``. What does not exist is written as in the paired fields: empty where
+    there is no value (no seed, no common seed), ``nan`` for the spread or interval of a single seed."""
+    handle = io.StringIO()
+    writer = csv.writer(handle)
+    writer.writerow(["pooling", "metric", "mean", "std", "seeds",
+                     "baseline", "diff_mean", "diff_low", "diff_high", "paired_seeds", "diff_detectable"])
+    for arm, cells in summary.rows.items():
+        for column in summary.columns:
+            mean, std, n = cells[column]
+            own = [f"{mean:.6f}", f"{std:.6f}"] if n else ["", ""]
+            for baseline in summary.differences or [None]:
+                diff = summary.differences[baseline].get(arm, {}).get(column) if baseline else None
+                paired = ([f"{diff.mean:.6f}", f"{diff.low:.6f}", f"{diff.high:.6f}", diff.seeds,
+                           f"{diff.detectable:.6f}"] if diff is not None else ["", "", "", "", ""])
+                named = baseline if baseline not in (None, arm) else ""  # empty: the arm's own row
+                writer.writerow([arm, _label(column), *own, n, named, *paired])
+    write_text_atomic(path, handle.getvalue())
 
 
 def write_plot(summary: Summary, path: Path, interim: str = "") -> None:
@@ -179,7 +218,7 @@ def write_plot(summary: Summary, path: Path, interim: str = "") -> None:
     arms = list(summary.rows)
     for ax, column in zip(axes[0], summary.columns):
         means = [100 * summary.rows[a][column][0] for a in arms]
-        stds = [100 * summary.rows[a][column][1] for a in arms]
+        stds = [100 * summary.rows[a][column][1] if summary.rows[a][column][2] > 1 else 0 for a in arms]
         ax.bar(arms, means, yerr=stds, capsize=4, color=["C3" if a.startswith("ggem") else "C0" for a in arms])
         ax.set_title(_label(column), fontsize=9)
         ax.set_ylabel("%, mean ± sd over seeds")
@@ -190,8 +229,18 @@ def write_plot(summary: Summary, path: Path, interim: str = "") -> None:
     if interim:
         fig.suptitle(interim.split(";")[0], fontsize=10, color="C3")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` as PNG through a temporary file renamed into place (a reader,
+    such as ``--report`` while the ablation writes, never sees a half-written figure), and close it."""
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, image.getvalue())
 
 
 def _plot_differences(ax: Any, differences: Differences, baseline: str, column: str) -> None:
@@ -229,8 +278,7 @@ def write_exponent_plot(summary: Summary, path: Path) -> None:
     axes[0][0].set_ylabel("p")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_summary(runs: list[AblationRun], out: Path, baselines: Sequence[str] = (),
