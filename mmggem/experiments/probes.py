@@ -12,16 +12,22 @@ vary more independently. This is the project's proxy; the paper does not define 
 
 The value is tabulated as ``eval/<set>/head_dependence`` beside the evaluation's metrics, so
 ``mmggem ablate --metrics head_dependence`` pairs it by seed like any other. It is computed once
-per run and set and kept in ``<run>/head_dependence.json``: a finished run's model does not change.
+per run and kept in ``<run>/head_dependence.json`` with what it was computed from (the eval sets'
+folders, the final weights file's size and mtime): a run retrained to more steps or given another
+eval set is measured again, not read from a stale cache.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from PIL.Image import Image
 
 from ..fileio import write_text_atomic
+from ..evaluate.dataset import EvalSet, Processes, loader, open_eval_set
+from ..model.clip import WEIGHTS_FILE, load
 from .analysis import FINAL_MODEL, head_dependence, run_eval_folders
 
 HEAD_DEPENDENCE = "head_dependence"
@@ -64,20 +70,40 @@ def _eval_sets(run_dir: Path) -> list[Path]:
     return [folder for folder in folders.values() if folder is not None]
 
 
+def set_features(model: torch.nn.Module, preprocess: Callable[[Image], torch.Tensor], evalset: EvalSet,
+                 batch_size: int = _BATCH) -> torch.Tensor:
+    """``[N, C]`` pooled features of the set's images, decoded and encoded ``batch_size`` at a time so that
+    only the features are held (a set's preprocessed images, ImageNet's 50k at 224 px: 30 GB, are not).
+    Images that do not decode are left out, as the evaluation leaves them out."""
+    on_gpu = next(model.parameters()).is_cuda
+    batches = loader(evalset, preprocess, Processes(), batch_size=batch_size, num_workers=0, pin_memory=on_gpu)
+    return torch.cat([pooled_features(model, batch.images) for batch in batches if batch.images is not None])
+
+
+def computed_from(run_dir: Path, folders: list[Path]) -> dict[str, Any]:
+    """What a run's values are computed from: its eval sets' folders and its final weights file's size and
+    mtime (a retrained run's ``final/`` is written anew). A cache that says otherwise is stale."""
+    weights = (run_dir / FINAL_MODEL / WEIGHTS_FILE).stat()
+    return {"eval_sets": [str(folder.resolve()) for folder in folders],
+            "weights": {"size": weights.st_size, "mtime_ns": weights.st_mtime_ns}}
+
+
 def run_head_dependence(run_dir: Path) -> dict[str, float]:
-    """``{"eval/<set>/head_dependence": value}`` for every eval set of a finished run (cached in the run)."""
+    """``{"eval/<set>/head_dependence": value}`` for every eval set of a finished run, cached in the run and
+    measured again (on the GPU when there is one) when the cache is missing, stale or from an older version."""
+    folders = _eval_sets(run_dir)
+    source = computed_from(run_dir, folders)
     cache = run_dir / CACHE_FILE
     if cache.is_file():
-        return json.loads(cache.read_text())
-    from ..evaluate.dataset import open_eval_set, read_image
-    from ..model.clip import load
-
+        cached = json.loads(cache.read_text())
+        if cached.get("computed_from") == source:
+            return cached["values"]
     model, preprocess, _ = load(run_dir / FINAL_MODEL)
-    model.eval()
+    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     values = {}
-    for folder in _eval_sets(run_dir):
+    for folder in folders:
         evalset = open_eval_set(folder)
-        batch = torch.stack([preprocess(read_image(sample)) for sample in evalset.samples])
-        values[f"eval/{evalset.name}/{HEAD_DEPENDENCE}"] = pooled_head_dependence(model, batch)
-    write_text_atomic(cache, json.dumps(values, indent=1) + "\n")
+        features = set_features(model, preprocess, evalset)
+        values[f"eval/{evalset.name}/{HEAD_DEPENDENCE}"] = head_dependence(features, attention_heads(model)).between
+    write_text_atomic(cache, json.dumps({"computed_from": source, "values": values}, indent=1) + "\n")
     return values
