@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train and evaluate every pooling (or variant) x seed on one config, and tabulate",
         description="Train CONFIG once per arm (a pooling, or a named variant of one) and seed with the same "
                     "budget, evaluate each on the config's eval.datasets, and write OUT/ablation.md, .csv and "
-                    ".png. Finished runs are reused, cut-short ones resumed. Under `accelerate launch` each "
-                    "process takes its share of the runs.",
+                    ".png. Finished runs are reused, cut-short ones resumed, if their config.yaml trained what "
+                    "CONFIG would (else it stops, naming them). Under `accelerate launch` each process takes its "
+                    "share of the runs.",
     )
     parser.add_argument("config", type=Path, help="YAML run config with eval.datasets set")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
@@ -53,10 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
+    """Plan the runs, refuse runs already there with another config, then tabulate, dry-run or train."""
     from ..config.run import load_config
-    from ..experiments.ablation import parse_arms, plan_runs, run_all
+    from ..experiments.ablation import conflicts_message, find_conflicts, parse_arms, plan_runs
 
     if args.seeds < 1 or args.parallel < 1:
         raise UsageError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
@@ -73,24 +73,55 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(args.output_dir, arms, args.seeds)
     if args.report:
         return _write_tables(runs, args.output_dir, baselines, metrics)
+    conflicts = find_conflicts(args.config, runs, args.overrides, cfg.log.tags)
     if args.dry_run:
         from ..experiments.ablation import describe_ablation
         from ..train.dry_run import report
 
-        return report(functools.partial(describe_ablation, cfg, runs))
-    state = PartialState()
-    device = state.local_process_index if state.device.type == "cuda" else None
-    failed = run_all(args.config, runs, args.overrides, args.parallel, state.process_index, state.num_processes,
-                     device, tags=cfg.log.tags)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return 1 if failed else 0
+        return report(functools.partial(describe_ablation, cfg, runs, conflicts))
+    if conflicts:
+        raise UserError(conflicts_message(conflicts))
+    if not _train_share(args, runs, cfg.log.tags):
+        return 0
     missing = [run for run in runs if not run.finished]
     if missing:
         print("mmggem ablate: unfinished runs (see their train.log): "
               + ", ".join(str(run.output_dir) for run in missing), file=sys.stderr)
         return 1
     return _write_tables(runs, args.output_dir, baselines, metrics)
+
+
+def _train_share(args: argparse.Namespace, runs: list["AblationRun"], tags: list[str]) -> bool:
+    """Train this process's share of ``runs``; return whether this is the main process, which writes the
+    tables, once every process has trained its share.
+
+    No collective is held across the training: processes finish hours apart (one has fewer runs, or
+    reuses them), longer than torch's process-group timeout (10 minutes under NCCL), at which a barrier
+    would fail and the tables would never be written. So the group is used once, while every process
+    has just started (the main process clears the last launch's marks first), and given up; then each
+    process marks its share done with a file (:func:`~mmggem.experiments.ablation.mark_done`) and the
+    main process polls for them. Every process other than the main one exits 0, as a launcher stops
+    the rest of the launch when one fails: the main process names the runs that failed and exits 1.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from ..experiments.ablation import clear_marks, mark_done, run_all, wait_for_ranks
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as accelerate's AcceleratorState reads it
+    marks = args.output_dir / ".ranks"
+    if state.is_main_process:
+        clear_marks(marks)
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    device = state.local_process_index if state.device.type == "cuda" else None
+    run_all(args.config, runs, args.overrides, args.parallel, state.process_index, state.num_processes, device,
+            tags=tags)
+    mark_done(marks, state.process_index)
+    if state.is_main_process:
+        wait_for_ranks(marks, state.num_processes)
+        clear_marks(marks)
+    return state.is_main_process
 
 
 def _write_tables(runs: list["AblationRun"], out: Path, baselines: list[str], metrics: list[str]) -> int:
