@@ -390,6 +390,18 @@ def test_files_and_folders_written_atomically_are_durable(tmp_path: Path,
     assert_durable(disk_events, staging, tmp_path / "export")
 
 
+def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path: Path) -> None:
+    """A temporary file is its owner's only: renamed into place as it is, a run's config.yaml or an ablation's
+    tables would be unreadable to the team sharing the folder."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_text_atomic(tmp_path / "config.yaml", "seed: 0\n")
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "config.yaml").chmod(0o640)
+    write_text_atomic(tmp_path / "config.yaml", "seed: 1\n")
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o640, "an existing file's permissions were lost"
+
+
 class Killed(BaseException):
     """What a SIGKILL at that instant would leave: nothing after it runs, no cleanup either."""
 
