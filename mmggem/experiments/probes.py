@@ -55,11 +55,6 @@ def pooled_features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
     return torch.cat(outputs)
 
 
-def pooled_head_dependence(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """Mean absolute correlation between pooled channels of different heads over the images of ``batch``."""
-    return head_dependence(pooled_features(model, batch), attention_heads(model)).between
-
-
 def _eval_sets(run_dir: Path) -> list[Path]:
     """The image sets of the run's ``eval.datasets``; a set not found is an error, since its value would be missing."""
     folders = run_eval_folders(run_dir)
