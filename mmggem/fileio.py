@@ -22,6 +22,16 @@ from typing import IO, Iterator
 from .errors import OutputExistsError
 
 
+def _current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: once, at import, before any thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` when the block finishes without error.
@@ -36,7 +46,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
         raise OutputExistsError(f"{out} is not empty; choose an empty or new directory, or overwrite (--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's is 0700: give the folder mkdir's permissions
     try:
         yield tmp
     except BaseException:
@@ -131,16 +141,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _current_umask() -> int:
-    """The process's umask (read by setting it and putting it back: once, at import, before any thread)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_NEW_FILE_MODE = 0o666 & ~_current_umask()
-
-
 def _mode_for(path: Path) -> int:
     """The permissions ``open(path, "w")`` would leave: the file's own if it exists, else the umask's default.
 
@@ -150,7 +150,7 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        return _NEW_FILE_MODE
+        return 0o666 & ~_UMASK
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -400,6 +400,9 @@ def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path: 
     (tmp_path / "config.yaml").chmod(0o640)
     write_text_atomic(tmp_path / "config.yaml", "seed: 1\n")
     assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o640, "an existing file's permissions were lost"
+    with atomic_directory(tmp_path / "export") as staging:
+        (staging / "config.json").write_text("{}")
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 class Killed(BaseException):
